@@ -1,0 +1,158 @@
+"""The checkpoint folder every command reads: `model.safetensors`, `model_config.yaml`, `tokenizer.model`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Union
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lit_adapter.config import ModelConfig
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.model import LLaMA
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.yaml"
+TOKENIZER_FILE = "tokenizer.model"
+
+PathLike = Union[str, Path]
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[dict] = None) -> None:
+    """Atomic safetensors write; tied or non-contiguous tensors are stored as independent contiguous copies."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        key = tensor.data_ptr()
+        out[name] = tensor.clone().contiguous() if key in seen or not tensor.is_contiguous() else tensor
+        seen.setdefault(key, name)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
+
+
+def save_yaml(data: dict, path: PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def load_yaml(path: PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LitAdapterError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise LitAdapterError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def save_checkpoint(
+    out_dir: PathLike, state_dict: Mapping[str, torch.Tensor], config: ModelConfig, tokenizer: Optional[PathLike]
+) -> Path:
+    """Write a checkpoint folder. The tied classifier (`output.weight`) is not stored when embeddings are tied."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "output.weight")}
+    check_state_dict(tensors, config, source=str(out_dir))
+    save_tensors(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_yaml(config.to_dict(), out_dir / CONFIG_FILE)
+    if tokenizer is not None and Path(tokenizer).resolve() != (out_dir / TOKENIZER_FILE).resolve():
+        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(tokenizer, tmp)
+    return out_dir
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of a LLaMA with this config and its shape (the tied classifier left out)."""
+    with torch.device("meta"):
+        model = LLaMA(config)
+    tied = {"output.weight"} if config.tie_embeddings else set()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Fail with one line naming the first missing, unexpected or wrongly shaped key."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise LitAdapterError(f"{source}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        raise LitAdapterError(f"{source}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    for key, shape in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            raise LitAdapterError(
+                f"{source}: weight {key!r} has shape {list(got)}, expected {list(shape)} for {config.name}"
+            )
+
+
+def load_config(checkpoint_dir: PathLike) -> ModelConfig:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise LitAdapterError(f"{checkpoint_dir}: checkpoint folder not found; create one with `lit-adapter convert`")
+    path = checkpoint_dir / CONFIG_FILE
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: missing; is {checkpoint_dir} a folder written by `lit-adapter convert`?")
+    try:
+        return ModelConfig.from_dict(load_yaml(path), source=str(path))
+    except TypeError as err:
+        raise LitAdapterError(f"{path}: {err}") from None
+
+
+def tokenizer_path(checkpoint_dir: PathLike) -> Path:
+    path = Path(checkpoint_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: tokenizer missing; convert again with `--tokenizer FILE`")
+    return path
+
+
+def load_weights(checkpoint_dir: PathLike, config: ModelConfig, device="cpu", dtype=None) -> dict[str, torch.Tensor]:
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: missing; is {checkpoint_dir} a folder written by `lit-adapter convert`?")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise LitAdapterError(f"{path}: cannot read safetensors file ({err})") from None
+    check_state_dict(tensors, config, source=str(path))
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    return tensors
+
+
+def load_model(checkpoint_dir: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> LLaMA:
+    """Build the model on the meta device and fill it with the folder's weights: one copy in memory."""
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    model.load_state_dict(load_weights(checkpoint_dir, config, device, dtype), strict=False, assign=True)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()

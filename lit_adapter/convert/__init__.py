@@ -1,0 +1,97 @@
+"""Foreign checkpoint formats -> the checkpoint folder (`model.safetensors`, `model_config.yaml`, `tokenizer.model`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from lit_adapter.checkpoint import TOKENIZER_FILE, save_checkpoint
+from lit_adapter.config import ModelConfig
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def detect_format(source: Path) -> str:
+    if not source.exists():
+        raise LitAdapterError(f"{source}: not found")
+    if source.is_file():
+        if source.suffix == ".bin" and source.stat().st_size >= 28 and not _is_torch_pickle(source):
+            return "llama2c"
+        raise LitAdapterError(
+            f"{source}: unknown checkpoint format; expected a llama2.c `.bin`, a Meta folder "
+            "(consolidated.*.pth + params.json) or a Hugging Face folder (config.json + weights)"
+        )
+    if (source / "config.json").is_file():
+        return "hf"
+    if any(source.glob("consolidated.*.pth")):
+        if not (source / "params.json").is_file():
+            raise LitAdapterError(f"{source / 'params.json'}: missing; a Meta checkpoint folder needs its params.json")
+        return "meta"
+    raise LitAdapterError(
+        f"{source}: unknown checkpoint format; expected consolidated.*.pth + params.json (Meta) "
+        "or config.json + model.safetensors / pytorch_model.bin (Hugging Face)"
+    )
+
+
+def _is_torch_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def find_tokenizer(source: Path) -> Optional[Path]:
+    """tokenizer.model beside the checkpoint or in a parent folder (Meta ships it one level up)."""
+    folder = source if source.is_dir() else source.parent
+    for candidate in (folder, folder.parent):
+        if (candidate / TOKENIZER_FILE).is_file():
+            return candidate / TOKENIZER_FILE
+    return None
+
+
+def load_source(source: Path) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
+    fmt = detect_format(source)
+    if fmt == "llama2c":
+        from lit_adapter.convert.llama2c import load_llama2c as loader
+    elif fmt == "meta":
+        from lit_adapter.convert.meta import load_meta as loader
+    else:
+        from lit_adapter.convert.hf import load_hf as loader
+    config, state_dict = loader(source)
+    return fmt, config, state_dict
+
+
+def convert(
+    source: Path,
+    out_dir: Path,
+    tokenizer: Optional[Path] = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> Path:
+    """Convert a checkpoint into a lit-adapter checkpoint folder.
+
+    Args:
+        source: a Meta folder (consolidated.*.pth + params.json), a Hugging Face LlamaForCausalLM folder
+            (config.json + model.safetensors / pytorch_model.bin, sharded or not) or a llama2.c legacy `.bin` file.
+        out_dir: the folder to write (model.safetensors, model_config.yaml, tokenizer.model).
+        tokenizer: the SentencePiece tokenizer.model; found beside or above SOURCE when not given.
+        dtype: the dtype of the written weights.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    detect_format(source)
+    tokenizer = Path(tokenizer) if tokenizer is not None else find_tokenizer(source)
+    if tokenizer is None:
+        raise LitAdapterError(f"{source}: no tokenizer.model found beside or above it; pass --tokenizer FILE")
+    vocab = Tokenizer(tokenizer).vocab_size
+    fmt, config, state_dict = load_source(source)
+    if vocab > config.vocab_size:
+        raise LitAdapterError(
+            f"{tokenizer}: tokenizer has {vocab} pieces but the model's embedding has {config.vocab_size} rows"
+        )
+    target = DTYPES[dtype]
+    state_dict = {k: v.to(target) for k, v in state_dict.items()}
+    save_checkpoint(out_dir, state_dict, config, tokenizer)
+    print(f"converted {fmt} checkpoint {source} -> {out_dir} ({config.name}, {dtype})")
+    return out_dir

@@ -1,0 +1,207 @@
+"""The plain LLaMA, in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
+
+Module names follow Meta's checkpoints (`layers.{i}.attention.wq`, `feed_forward.w1`, ...), so Meta and official
+LLaMA-Adapter state dicts map onto this model key for key.
+
+Adapters never copy this file. Attention has one seam, `Attention.prefix`: when an adapter module is attached there,
+its gated prefix term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the attention output:
+
+    O = softmax(Q K_t^T / sqrt(d) + causal) V_t  +  prefix(Q)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.config import ModelConfig
+
+RoPE = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch.device] = None) -> RoPE:
+    """cos and sin tables of shape [seq_len, head_dim // 2], in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim]; cos/sin are [T, head_dim // 2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past positions for one layer, [B, kv_heads, max_len, head_dim], for generation only.
+
+    `prefix` is a slot where an adapter may keep its prompt keys/values for the length of one generation.
+    """
+
+    def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.prefix: Optional[object] = None
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int) -> tuple[torch.Tensor, ...]:
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        # The adapter seam: a module called as prefix(attention, q, prefix_input, kv_cache) -> [B, H, T, head_dim].
+        self.prefix: Optional[nn.Module] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RoPE,
+        mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        prefix_input: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v, end=mask.shape[-1])
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if self.prefix is not None:
+            y = y + self.prefix(self, q, prefix_input, kv_cache)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: RoPE, **attention_kwargs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, **attention_kwargs)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.kv_caches: Optional[list[KVCache]] = None
+        self._rope: Optional[RoPE] = None
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        prefix_input: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens idx [B, T].
+
+        Without a KV cache the sequence starts at position 0 and attention is causal. With one (see
+        `set_kv_cache`), `input_pos` [T] gives the positions of idx and the keys seen are positions 0..max(input_pos).
+        `mask` (boolean [B, 1, T, S], True = attend) overrides the default causal mask, e.g. for left padding.
+        `prefix_input` (e.g. visual tokens) is handed to every attached adapter prefix.
+        """
+        T = idx.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        cos, sin = self.rope(int(input_pos.max()) + 1 if self.kv_caches is not None else T, idx.device)
+        rope = (cos[input_pos], sin[input_pos])
+        if self.kv_caches is not None and mask is None:
+            mask = causal_mask(input_pos, int(input_pos.max()) + 1)
+        x = self.tok_embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            cache = self.kv_caches[i] if self.kv_caches is not None else None
+            x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, prefix_input=prefix_input)
+        return self.output(self.norm(x))
+
+    def rope(self, seq_len: int, device: torch.device) -> RoPE:
+        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
+            length = max(seq_len, self.config.max_seq_len)
+            self._rope = build_rope(length, self.config.head_dim, self.config.rope_theta, device)
+        return self._rope
+
+    def set_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> None:
+        param = self.output.weight
+        max_len = max_len or self.config.max_seq_len
+        c = self.config
+        self.kv_caches = [
+            KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, device or param.device, dtype or param.dtype)
+            for _ in range(c.n_layers)
+        ]
+
+    def clear_kv_cache(self) -> None:
+        self.kv_caches = None
+
+    def reset_parameters(self) -> None:
+        """Random init for training from scratch or benchmarking (N(0, 0.02) linears/embedding, unit norms)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+
+def causal_mask(input_pos: torch.Tensor, key_len: int) -> torch.Tensor:
+    """Boolean [1, 1, T, key_len]: query at position p attends to keys 0..p."""
+    keys = torch.arange(key_len, device=input_pos.device)
+    return (keys[None, :] <= input_pos[:, None])[None, None]
