@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from lit_adapter.config import ModelConfig
 from lit_adapter.errors import LitAdapterError
@@ -87,10 +88,25 @@ def save_checkpoint(
     return out_dir
 
 
+class _SkipInit(TorchFunctionMode):
+    """Turns `torch.nn.init` calls into no-ops: on the meta device, `normal_` alone would import torch._dynamo
+    (seconds per process) to initialise weights that are about to be replaced anyway."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(config: ModelConfig) -> LLaMA:
+    """The model's structure on the meta device, without random init: weights must be assigned before use."""
+    with torch.device("meta"), _SkipInit():
+        return LLaMA(config)
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight of a LLaMA with this config and its shape (the tied classifier left out)."""
-    with torch.device("meta"):
-        model = LLaMA(config)
+    model = meta_model(config)
     tied = {"output.weight"} if config.tie_embeddings else set()
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
@@ -150,8 +166,7 @@ def load_weights(checkpoint_dir: PathLike, config: ModelConfig, device="cpu", dt
 def load_model(checkpoint_dir: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> LLaMA:
     """Build the model on the meta device and fill it with the folder's weights: one copy in memory."""
     config = load_config(checkpoint_dir)
-    with torch.device("meta"):
-        model = LLaMA(config)
+    model = meta_model(config)
     model.load_state_dict(load_weights(checkpoint_dir, config, device, dtype), strict=False, assign=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

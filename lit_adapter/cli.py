@@ -13,15 +13,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("lit_adapter.training.cli:fit_main", "train adapters from a config (LightningCLI)"),
     "validate": ("lit_adapter.training.cli:validate_main", "run validation from a config (LightningCLI)"),
     "convert": ("lit_adapter.convert:convert", "convert a Meta, Hugging Face or llama2.c checkpoint"),
-    "generate": ("lit_adapter.inference.cli:generate", "generate text, optionally with an adapter and an image"),
-    "chat": ("lit_adapter.inference.cli:chat", "multi-turn chat with a model and adapter"),
+    "generate": ("lit_adapter.inference.cli:generate_main", "generate text, optionally with an adapter and an image"),
+    "chat": ("lit_adapter.inference.cli:chat_main", "multi-turn chat with a model and adapter"),
     "merge": ("lit_adapter.adapters.io:merge", "fold bias/scale and LoRA into the base weights"),
     "eval": ("lit_adapter.evaluation.cli:eval_main", "evaluate (`lit-adapter eval scienceqa ...`)"),
     "download": ("lit_adapter.download:download", "fetch a known small checkpoint (stories260K) into a cache"),
 }
 
 # commands whose module parses its own arguments (LightningCLI, nested subcommands): called as f(argv)
-SELF_PARSING = {"fit", "validate", "eval"}
+SELF_PARSING = {"fit", "validate", "eval", "generate", "chat"}
 
 # the one positional argument a command takes (every other argument is a --flag)
 POSITIONAL = {"convert": "source"}

@@ -64,8 +64,13 @@ class ModelConfig:
         return cls(**{**NAMED_CONFIGS[name], "name": name, **overrides})
 
     def architecture_hash(self) -> str:
-        """A short hash of everything that decides weight shapes and numerics (not the name)."""
-        arch = {k: v for k, v in self.to_dict().items() if k not in ("name", "max_seq_len")}
+        """A short hash of everything that decides weight shapes and numerics (not the name).
+
+        multiple_of and ffn_dim_multiplier are left out: they only derive hidden_dim, which is always resolved, so a
+        model converted from a format that states hidden_dim directly (Hugging Face) hashes like its Meta original.
+        """
+        derived_only = ("name", "max_seq_len", "multiple_of", "ffn_dim_multiplier")
+        arch = {k: v for k, v in self.to_dict().items() if k not in derived_only}
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -46,10 +46,10 @@ def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim]; cos/sin are [T, head_dim // 2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim]; cos/sin are [(B,) T, head_dim // 2]."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -153,6 +153,7 @@ class LLaMA(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         prefix_input: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens idx [B, T].
 
@@ -160,12 +161,15 @@ class LLaMA(nn.Module):
         `set_kv_cache`), `input_pos` [T] gives the positions of idx and the keys seen are positions 0..max(input_pos).
         `mask` (boolean [B, 1, T, S], True = attend) overrides the default causal mask, e.g. for left padding.
         `prefix_input` (e.g. visual tokens) is handed to every attached adapter prefix.
+        `positions` ([B, T], default input_pos) are the rotary positions of each row when they differ from the cache
+        slots `input_pos`, e.g. in a left-padded batch where row b's first real token sits in slot pad_b.
         """
         T = idx.shape[1]
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         cos, sin = self.rope(int(input_pos.max()) + 1 if self.kv_caches is not None else T, idx.device)
-        rope = (cos[input_pos], sin[input_pos])
+        rope_pos = input_pos if positions is None else positions
+        rope = (cos[rope_pos], sin[rope_pos])
         if self.kv_caches is not None and mask is None:
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)
         x = self.tok_embeddings(idx)
@@ -194,6 +198,8 @@ class LLaMA(nn.Module):
 
     def reset_parameters(self) -> None:
         """Random init for training from scratch or benchmarking (N(0, 0.02) linears/embedding, unit norms)."""
+        if self.config.tie_embeddings:  # `to_empty` on a meta-device model gives each module its own parameter
+            self.output.weight = self.tok_embeddings.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)

@@ -91,7 +91,8 @@ def convert(
             f"{tokenizer}: tokenizer has {vocab} pieces but the model's embedding has {config.vocab_size} rows"
         )
     target = DTYPES[dtype]
-    state_dict = {k: v.to(target) for k, v in state_dict.items()}
+    for key in list(state_dict):  # one tensor at a time, so the source and target copies never coexist in full
+        state_dict[key] = state_dict[key].to(target)
     save_checkpoint(out_dir, state_dict, config, tokenizer)
     print(f"converted {fmt} checkpoint {source} -> {out_dir} ({config.name}, {dtype})")
     return out_dir

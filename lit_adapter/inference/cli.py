@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
-from lit_adapter.checkpoint import load_model, tokenizer_path
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.inference.generate import generate_tokens
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.inference.batch import generate_records, read_prompts, write_jsonl
+from lit_adapter.inference.engine import (
+    ADAPTER_DECODING,
+    BASE_DECODING,
+    CHAT_DECODING,
+    PRECISION_DTYPES,  # noqa: F401  (re-exported)
+    Completion,
+    Decoding,
+    Engine,
+    ExpertSlot,
+    Precision,
+    build_prompt,
+    resolve_decoding,
+    resolve_device,  # noqa: F401  (re-exported)
+    resolve_dtype,  # noqa: F401  (re-exported)
+)
+from lit_adapter.inference.experts import Expert, load_expert
 
-Precision = Literal["auto", "32-true", "bf16-true", "16-true"]
-PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return PRECISION_DTYPES[precision]
+BOOLEAN_FLAGS = ("--json", "--no_merge")
+REPEATABLE = ("--stop",)
 
 
 def read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
+    return sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -46,46 +47,207 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def generate(
     checkpoint_dir: Path,
+    adapter: Optional[Path] = None,
     prompt: str = "",
+    input: str = "",
+    image: Optional[Path] = None,
+    prompts_file: Optional[Path] = None,
+    output_file: Optional[Path] = None,
+    batch_size: int = 8,
+    prompt_style: Optional[str] = None,
+    expert: Optional[str] = None,
+    expert_slot: ExpertSlot = "input",
     max_new_tokens: int = 100,
-    temperature: float = 0.0,
+    temperature: Optional[float] = None,
     top_k: Optional[int] = None,
-    top_p: float = 1.0,
+    top_p: Optional[float] = None,
+    stop: Optional[list[str]] = None,
+    json: bool = False,
     seed: int = 1234,
+    no_merge: bool = False,
     precision: Precision = "auto",
     device: str = "auto",
 ) -> None:
-    """Generate text from a checkpoint folder; the text streams to stdout, speed and memory go to stderr.
+    """Generate text with a base model or an adapter; the text streams to stdout, speed and memory go to stderr.
 
     Args:
         checkpoint_dir: a folder written by `lit-adapter convert`.
-        prompt: the prompt text; `-` reads it from stdin; empty starts from BOS alone.
+        adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
+        prompt: the instruction; `-` reads it from stdin; empty starts from BOS alone (base model).
+        input: the optional input (context) that goes with the instruction.
+        image: an image for a multimodal adapter, or for --expert to describe.
+        prompts_file: batch mode: a JSONL file of {"prompt": ..., "input": ..., "image": ...} records.
+        output_file: batch mode: where the JSONL results go (written atomically).
+        batch_size: batch mode: prompts decoded together.
+        prompt_style: alpaca, alpaca_zh, chat or raw; default: the adapter's own style, raw for the bare base model.
+        expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
+        expert_slot: where the expert's text goes: the prompt's input slot or before the instruction.
         max_new_tokens: the most tokens to generate.
-        temperature: sampling temperature; 0 is greedy decoding.
+        temperature: sampling temperature, 0 = greedy; default 0.1 with an adapter (the paper's), 0 without.
         top_k: sample only among the k most likely tokens.
-        top_p: nucleus sampling: the smallest set of tokens whose probability reaches p.
+        top_p: nucleus sampling mass; default 0.75 with an adapter (the paper's), 1 without.
+        stop: text that ends the generation (not printed); repeat the flag for several.
+        json: print one JSON object (text, token counts, tokens/s) instead of streaming text.
         seed: random seed for sampling.
+        no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
         precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
         device: cpu, cuda, cuda:1, ... or auto.
     """
-    dev = resolve_device(device)
-    model = load_model(checkpoint_dir, device=dev, dtype=resolve_dtype(precision, dev))
-    tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
-    ids = torch.tensor(tokenizer.encode(read_prompt(prompt), bos=True), device=dev)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    stream = tokenizer.stream_decoder()
-    start, count = time.perf_counter(), 0
-    for token in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
-                                 generator=generator):
-        count += 1
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    elapsed = time.perf_counter() - start
-    print(f"{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.1f} tokens/s, "
-          f"peak memory {peak_memory_gb(dev):.2f} GB", file=sys.stderr)
+    if prompts_file is not None and output_file is None:
+        raise LitAdapterError(f"{prompts_file}: batch mode needs --output_file for the results")
+    if output_file is not None and prompts_file is None:
+        raise LitAdapterError(f"{output_file}: --output_file is for batch mode; give --prompts_file too")
+    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
+    defaults = ADAPTER_DECODING if adapter is not None else BASE_DECODING
+    decoding = resolve_decoding(
+        Decoding(**{**defaults.__dict__, "stop": engine.style.stop_sequences}),
+        max_new_tokens, temperature, top_k, top_p, stop or (),
+    )
+    chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    if prompts_file is not None:
+        records = read_prompts(prompts_file)
+        rows = generate_records(engine, records, decoding, batch_size, chosen_expert, expert_slot, generator,
+                                where=str(prompts_file))
+        write_jsonl(rows, output_file)
+        print(f"{len(rows)} results written to {output_file}", file=sys.stderr)
+        return
+    if chosen_expert is not None and image is None:
+        raise LitAdapterError(f"--expert {expert}: needs an --image to describe")
+    text = build_prompt(engine, read_prompt(prompt), input, image, chosen_expert, expert_slot)
+    ids = engine.encode(text)
+    visual = engine.visual_tokens([image] if image is not None else [])
+    completion = Completion(prompt_tokens=ids.numel())
+    for piece in engine.stream(ids, decoding, visual, generator, completion):
+        if not json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if json:
+        print(jsonlib.dumps(completion_record(completion, engine.device), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    print(speed_line(completion, engine.device), file=sys.stderr)
 
 
-def chat(checkpoint_dir: Path) -> None:
-    """Multi-turn chat (not available yet)."""
-    raise LitAdapterError("chat is not implemented yet")
+def chat(
+    checkpoint_dir: Path,
+    adapter: Optional[Path] = None,
+    prompt_style: str = "chat",
+    system: Optional[str] = None,
+    image: Optional[Path] = None,
+    expert: Optional[str] = None,
+    expert_slot: ExpertSlot = "input",
+    max_new_tokens: int = 256,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop: Optional[list[str]] = None,
+    seed: int = 1234,
+    no_merge: bool = False,
+    precision: Precision = "auto",
+    device: str = "auto",
+) -> None:
+    """Multi-turn chat on stdin/stdout (works with a pipe); commands: /image PATH, /reset, /exit.
+
+    Replies stream to stdout; notices (dropped history, errors) go to stderr. The oldest turns are dropped when the
+    conversation no longer fits the model's context.
+
+    Args:
+        checkpoint_dir: a folder written by `lit-adapter convert`.
+        adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
+        prompt_style: a style with a multi-turn form (chat: system line, Human/Assistant roles, "###").
+        system: replaces the chat template's system line.
+        image: an image to talk about from the start (as `/image PATH`).
+        expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
+        expert_slot: where the expert's text goes: after the message (input) or before it (instruction).
+        max_new_tokens: the most tokens per reply (also the room kept free in the context).
+        temperature: sampling temperature (default 0.7), 0 = greedy.
+        top_k: sample only among the k most likely tokens.
+        top_p: nucleus sampling mass (default 0.95).
+        stop: text that ends a reply besides the template's separator; repeat the flag for several.
+        seed: random seed for sampling.
+        no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
+        precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
+        device: cpu, cuda, cuda:1, ... or auto.
+    """
+    from lit_adapter.inference.chat import ChatSession, run_chat
+
+    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
+    decoding = resolve_decoding(
+        Decoding(**{**CHAT_DECODING.__dict__, "stop": engine.style.stop_sequences}),
+        max_new_tokens, temperature, top_k, top_p, stop or (),
+    )
+    chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    session = ChatSession(engine, decoding, system, chosen_expert, expert_slot, generator)
+    if image is not None:
+        session.set_image(str(image))
+    run_chat(session, sys.stdin, interactive=sys.stdin.isatty())
+
+
+def make_expert(
+    spec: Optional[str], engine: Engine, checkpoint_dir: Path, device: str, precision: str, merge: bool
+) -> Optional[Expert]:
+    if spec is None:
+        return None
+
+    def caption_engine(adapter_file: Path):
+        return Engine.load(checkpoint_dir, adapter_file, device, precision, merge=merge).caption
+
+    return load_expert(spec, captioner=engine.caption if engine.multimodal else None, captioner_factory=caption_engine)
+
+
+def completion_record(completion: Completion, device: torch.device) -> dict:
+    return {
+        "text": completion.text,
+        "prompt_tokens": completion.prompt_tokens,
+        "new_tokens": completion.new_tokens,
+        "finish": completion.finish,
+        "seconds": round(completion.seconds, 4),
+        "tokens_per_sec": round(completion.tokens_per_sec, 2),
+        "peak_memory_gb": round(peak_memory_gb(device), 3),
+    }
+
+
+def speed_line(completion: Completion, device: torch.device) -> str:
+    return (f"{completion.new_tokens} tokens in {completion.seconds:.2f} s: {completion.tokens_per_sec:.1f} tokens/s, "
+            f"peak memory {peak_memory_gb(device):.2f} GB")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Let `--json` / `--no_merge` stand alone as flags and `--stop` repeat (each value taken verbatim)."""
+    out: list[str] = []
+    repeated: dict[str, list[str]] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, has_value, value = arg.partition("=")
+        if name in REPEATABLE:
+            if not has_value:
+                if i + 1 >= len(args):
+                    raise LitAdapterError(f"{name} needs a value")
+                i, value = i + 1, args[i + 1]
+            repeated.setdefault(name, []).append(value)
+        elif arg in BOOLEAN_FLAGS and (i + 1 >= len(args) or args[i + 1].lower() not in ("true", "false")):
+            out += [arg, "true"]
+        else:
+            out.append(arg)
+        i += 1
+    for name, values in repeated.items():
+        out += [name, jsonlib.dumps(values)]
+    return out
+
+
+def _run(function, argv: Sequence[str], name: str) -> None:
+    from jsonargparse import CLI
+
+    CLI(function, args=normalize_argv(argv), prog=f"lit-adapter {name}", as_positional=False)
+
+
+def generate_main(argv: Sequence[str]) -> None:
+    _run(generate, argv, "generate")
+
+
+def chat_main(argv: Sequence[str]) -> None:
+    _run(chat, argv, "chat")

@@ -1,8 +1,8 @@
-"""Token sampling and KV-cache decoding."""
+"""Token sampling and KV-cache decoding, one prompt at a time or a left-padded batch."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -70,3 +70,84 @@ def generate_tokens(
             input_pos = input_pos[-1:] + 1
     finally:
         model.clear_kv_cache()
+
+
+def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D prompts into [B, T] aligned on the right; returns (tokens, pad counts [B])."""
+    width = max(p.numel() for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=prompts[0].device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - prompt.numel():] = prompt
+    pads = torch.tensor([width - p.numel() for p in prompts], device=prompts[0].device)
+    return tokens, pads
+
+
+def padded_mask(pads: torch.Tensor, slots: torch.Tensor, key_len: int) -> torch.Tensor:
+    """Boolean [B, 1, T, key_len] for queries in cache `slots` [T]: causal, padding columns hidden.
+
+    A padding query attends to itself alone, so its (unused) hidden state stays finite: a fully masked row would
+    give NaN, and NaN values in the cache poison the real rows even behind a zero attention weight.
+    """
+    keys = torch.arange(key_len, device=slots.device)
+    causal = keys[None, :] <= slots[:, None]
+    real = keys[None, :] >= pads[:, None]
+    itself = keys[None, :] == slots[:, None]
+    return ((causal[None] & real[:, None]) | itself[None])[:, None]
+
+
+def row_positions(pads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rotary positions [B, T]: row b's first real token (slot pads[b]) is position 0, as if it were alone."""
+    return (slots[None, :] - pads[:, None]).clamp(min=0)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LLaMA,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    eos_id: Optional[int] = None,
+    prefix_input: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    should_stop: Optional[Callable[[int, list[int]], bool]] = None,
+) -> list[list[int]]:
+    """New token ids for each 1-D prompt, decoded together: left padding, a padding mask, per-row positions.
+
+    A row ends at EOS (not included), at max_new_tokens, or when `should_stop(row, tokens)` says so; greedy results
+    equal those of `generate_tokens` one prompt at a time. `prefix_input` has one row per prompt (or one, shared).
+    """
+    if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise ValueError("prompts must be non-empty 1-D tensors of token ids")
+    tokens, pads = left_pad(prompts)
+    batch, width = tokens.shape
+    max_len = model.config.max_seq_len
+    if width >= max_len:
+        raise LitAdapterError(f"a prompt is {width} tokens, the model's context is {max_len}: shorten the prompt")
+    max_new_tokens = min(max_new_tokens, max_len - width)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    model.set_kv_cache(batch, width + max_new_tokens, device=tokens.device)
+    try:
+        slots = torch.arange(width, device=tokens.device)
+        for _ in range(max_new_tokens):
+            mask = padded_mask(pads, slots, int(slots[-1]) + 1)
+            logits = model(tokens, input_pos=slots, prefix_input=prefix_input, mask=mask,
+                           positions=row_positions(pads, slots))
+            next_tokens = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            for row, token in enumerate(next_tokens.tolist()):
+                if done[row]:
+                    continue
+                if eos_id is not None and token == eos_id:
+                    done[row] = True
+                    continue
+                outputs[row].append(token)
+                done[row] = should_stop is not None and should_stop(row, outputs[row])
+            if all(done):
+                break
+            tokens = next_tokens[:, None]
+            slots = slots[-1:] + 1
+    finally:
+        model.clear_kv_cache()
+    return outputs

@@ -1,0 +1,157 @@
+"""Zero-init attention over adaption prompts: the module attached at `Attention.prefix` of each adapted layer.
+
+For token queries Q (RoPE applied), each prompt P of the layer adds one separately normalised attention term:
+
+    prefix(Q) = new_gate * sum_P act(gate_P) * softmax(Q K_P^T / sqrt(d)) V_P,    K_P = wk(P), V_P = wv(P)
+
+Prompt keys get no RoPE and no mask. With every gate at zero the term is exactly zero, so the adapted model starts
+as the frozen model. The prompts of a layer:
+- static: K learned tokens (V1, V2); under late fusion the visual tokens are added to them (official V2 code, V1
+  multimodal with one global token repeated over the K positions);
+- visual: under early fusion (V2 paper), the visual tokens are a prompt of their own, with their own gate.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.adapters.config import AdapterConfig
+from lit_adapter.adapters.linear import AdaptedLinear
+from lit_adapter.model import Attention, KVCache, LLaMA
+
+PromptKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def gate_activation(name: str, gate: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(gate) if name == "tanh" else gate
+
+
+class GatedPrompt(nn.Module):
+    """The gated prompt term of one attention layer (see the module docstring).
+
+    Parameters (float32, cast to the activation dtype when used): `prompt` [K, dim] (random init, as nn.Embedding),
+    `gate` [1, n_heads, 1, 1] and `visual_gate` [1, n_heads, 1, 1] (zero init), `new_gate` [1, 1, 1, 1] (init 1).
+    Prompt keys/values are recomputed on every call, except during generation, where they are kept in the layer's
+    `kv_cache.prefix` for the length of that one generation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        adapter_len: int = 10,
+        static: bool = True,
+        fuse_visual: bool = False,
+        visual_prompt: bool = False,
+        activation: str = "tanh",
+        new_gate: bool = False,
+        prompt_kv_lora: bool = True,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.activation = activation
+        self.fuse_visual = fuse_visual and static
+        self.prompt_kv_lora = prompt_kv_lora
+        shapes = {
+            "prompt": (adapter_len, dim) if static else None,
+            "gate": (1, n_heads, 1, 1) if static else None,
+            "visual_gate": (1, n_heads, 1, 1) if visual_prompt else None,
+            "new_gate": (1, 1, 1, 1) if new_gate else None,
+        }
+        for name, shape in shapes.items():
+            param = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32)) if shape else None
+            self.register_parameter(name, param)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.prompt is not None:
+            nn.init.normal_(self.prompt)  # nn.Embedding's default init: prompts do not start at zero
+            nn.init.zeros_(self.gate)
+        if self.visual_gate is not None:
+            nn.init.zeros_(self.visual_gate)
+        if self.new_gate is not None:
+            nn.init.ones_(self.new_gate)
+
+    def forward(
+        self, attention: Attention, q: torch.Tensor, prefix_input: Optional[torch.Tensor], kv_cache: Optional[KVCache]
+    ) -> torch.Tensor:
+        """The gated prompt term [B, n_heads, T, head_dim] for queries q [B, n_heads, T, head_dim]."""
+        prompt_kv = kv_cache.prefix if kv_cache is not None else None
+        if prompt_kv is None:
+            prompt_kv = self.keys_values(attention, prefix_input, q.dtype)
+            if kv_cache is not None:
+                kv_cache.prefix = prompt_kv
+        term = None
+        for name, (keys, values) in prompt_kv.items():
+            gate = self.gate if name == "static" else self.visual_gate
+            part = gate_activation(self.activation, gate).to(q.dtype) * attend(q, keys, values)
+            term = part if term is None else term + part
+        if term is None:  # e.g. a visual-only layer called without an image
+            return torch.zeros_like(q)
+        return term if self.new_gate is None else self.new_gate.to(q.dtype) * term
+
+    def keys_values(self, attention: Attention, prefix_input: Optional[torch.Tensor], dtype: torch.dtype) -> PromptKV:
+        """Keys and values [B or 1, kv_heads, length, head_dim] of each prompt of this layer."""
+        prompt_kv: PromptKV = {}
+        visual = prefix_input.to(dtype) if prefix_input is not None else None
+        if self.prompt is not None:
+            tokens = self.prompt.to(dtype)[None]
+            if self.fuse_visual and visual is not None:
+                tokens = tokens + visual  # [B, K, dim]; one global token [B, 1, dim] is repeated over the K positions
+            prompt_kv["static"] = self.project(attention, tokens)
+        if self.visual_gate is not None and visual is not None:
+            prompt_kv["visual"] = self.project(attention, visual)
+        return prompt_kv
+
+    def project(self, attention: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = tokens.shape
+        shape = (batch, length, attention.n_kv_heads, attention.head_dim)
+        keys = self.linear(attention.wk, tokens).view(shape).transpose(1, 2)
+        values = self.linear(attention.wv, tokens).view(shape).transpose(1, 2)
+        return keys, values
+
+    def linear(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, AdaptedLinear):
+            return module(tokens, lora=self.prompt_kv_lora)
+        return module(tokens)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over all prompt positions (no mask), grouped-query aware, batch broadcast."""
+    if keys.shape[0] != q.shape[0]:
+        keys = keys.expand(q.shape[0], -1, -1, -1)
+        values = values.expand(q.shape[0], -1, -1, -1)
+    gqa = keys.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+
+
+def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
+    """Attach a GatedPrompt at `Attention.prefix` of every layer that has a static or an early visual prompt."""
+    n = llama.config.n_layers
+    static_layers = set(config.static_layers(n))
+    visual_layers = set(config.visual_prompt_layers(n))
+    device = llama.tok_embeddings.weight.device
+    for index, block in enumerate(llama.layers):
+        static, visual_prompt = index in static_layers, index in visual_layers
+        if not (static or visual_prompt):
+            continue
+        block.attention.prefix = GatedPrompt(
+            llama.config.dim,
+            llama.config.n_heads,
+            config.adapter_len,
+            static=static,
+            fuse_visual=config.visual is not None and config.fusion == "late",
+            visual_prompt=visual_prompt,
+            activation=config.gate_activation,
+            new_gate=config.new_gate,
+            prompt_kv_lora=config.prompt_kv_lora,
+            device=device,
+        )
+
+
+def gated_prompts(model: nn.Module) -> dict[str, GatedPrompt]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, GatedPrompt)}

@@ -1,0 +1,434 @@
+"""The visual path: a frozen open_clip image tower and the trainable adapter that turns its features into LLaMA tokens.
+
+Mode "tokens" (LLaMA-Adapter V2, official 7B multimodal): all CLIP tokens after `ln_post` and the visual projection
+(ViT-L/14: 257 x 768) -> `clip_proj` + `clip_proj_norm` -> `visual_query` prepended -> `visual_blocks` (timm ViT blocks)
+-> the first `visual_len` tokens -> `visual_proj` + `visual_proj_norm` -> [B, visual_len, llama_dim].
+
+Mode "global" (LLaMA-Adapter V1 multimodal, ScienceQA): the CLIP global image embedding -> `visual_proj`, a two-layer
+MLP (Linear -> GELU -> Linear; the paper names only "a learnable projection network") -> `visual_proj_norm`
+-> [B, 1, llama_dim].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed
+from open_clip.transform import AugmentationCfg, PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import VisionTransformer
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lit_adapter.errors import LitAdapterError
+
+TINY_CLIP_MODEL = "lit-adapter-tiny-vit"
+_TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "head_width": 16, "layers": 2},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_MODES = ("tokens", "global")
+
+
+def _register_tiny_clip() -> None:
+    """Adds the tiny test architecture to open_clip's model registry (kept across open_clip's own rescans)."""
+    if TINY_CLIP_MODEL in open_clip.list_models():
+        return
+    registry = getattr(open_clip.factory, "_MODEL_CONFIGS", None)
+    if isinstance(registry, dict):
+        registry[TINY_CLIP_MODEL] = _TINY_CLIP_CONFIG
+        return
+    import json
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lit-adapter-open-clip-"))
+    (folder / f"{TINY_CLIP_MODEL}.json").write_text(json.dumps(_TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+
+
+_register_tiny_clip()
+
+
+def _clip_name(clip_model: str) -> str:
+    return clip_model.replace("/", "-")  # OpenAI spells it "ViT-L/14", open_clip "ViT-L-14"
+
+
+def clip_model_config(clip_model: str) -> dict[str, Any]:
+    """open_clip's architecture config for a model name, without building anything."""
+    config = open_clip.get_model_config(_clip_name(clip_model)) if ":" not in clip_model else None
+    if config is None:
+        raise LitAdapterError(
+            f"unknown open_clip model {clip_model!r}; list the valid names with "
+            '`python -c "import open_clip; print(open_clip.list_models())"`'
+        )
+    return config
+
+
+def clip_embed_dim(clip_model: str) -> int:
+    """Width of the CLIP image features (after the visual projection): 768 for ViT-L-14."""
+    return int(clip_model_config(clip_model)["embed_dim"])
+
+
+def clip_image_size(clip_model: str) -> int:
+    size = clip_model_config(clip_model)["vision_cfg"].get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _is_pretrained_tag(clip_model: str, value: str) -> bool:
+    return bool(open_clip.get_pretrained_cfg(_clip_name(clip_model), value))
+
+
+@dataclass
+class VisualConfig:
+    """The visual path: which frozen open_clip tower, and the shape of the trainable adapter above it.
+
+    `clip_pretrained`: an open_clip tag ("openai", downloaded by open_clip), a local weights file (an open_clip or
+    OpenAI state dict, full or image tower only, .pt/.pth/.bin/.safetensors, or OpenAI's TorchScript release), or None
+    for random init (OpenAI weights saved as a plain state dict need clip_model "ViT-L-14-quickgelu").
+    `width`: the adapter's hidden width (None = the CLIP embedding width). `image_size`: None = the model's own size;
+    another size interpolates the position embeddings.
+    """
+
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: Optional[str] = "openai"
+    mode: str = "tokens"
+    visual_len: int = 10
+    n_blocks: int = 8
+    block_heads: int = 16
+    mlp_ratio: float = 4.0
+    width: Optional[int] = None
+    image_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        clip_model_config(self.clip_model)
+        if self.mode not in _MODES:
+            raise LitAdapterError(f"visual config: mode {self.mode!r} is not one of {list(_MODES)}")
+        for name in ("visual_len", "n_blocks", "block_heads"):
+            if getattr(self, name) < 1:
+                raise LitAdapterError(f"visual config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_ratio <= 0:
+            raise LitAdapterError(f"visual config: mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.width is not None and self.width < 1:
+            raise LitAdapterError(f"visual config: width must be >= 1 or None, got {self.width}")
+        if self.image_size is not None and self.image_size < 1:
+            raise LitAdapterError(f"visual config: image_size must be >= 1 or None, got {self.image_size}")
+        if self.mode == "tokens" and self.resolved_width % self.block_heads:
+            raise LitAdapterError(
+                f"visual config: width {self.resolved_width} is not a multiple of block_heads {self.block_heads}"
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        return clip_embed_dim(self.clip_model)
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width or self.embed_dim
+
+    @property
+    def resolved_image_size(self) -> int:
+        return self.image_size or clip_image_size(self.clip_model)
+
+    @property
+    def num_tokens(self) -> int:
+        """How many LLaMA-width tokens the adapter makes per image."""
+        return self.visual_len if self.mode == "tokens" else 1
+
+    def transform(self, train: bool) -> Callable:
+        return image_transform(self.clip_model, train, self.image_size, self.clip_pretrained)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "visual config") -> VisualConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LitAdapterError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+def image_transform(
+    clip_model: str, train: bool, image_size: Optional[int] = None, clip_pretrained: Optional[str] = None
+) -> Callable:
+    """PIL image -> normalised [3, S, S] tensor for `clip_model` (no model is built).
+
+    Train: RandomResizedCrop(S, scale=(0.9, 1.0), bicubic) + ToTensor + CLIP mean/std (the official V2 recipe).
+    Eval: open_clip's own eval transform (resize shortest side + center crop + normalise). Mean/std are OpenAI CLIP's
+    unless `clip_pretrained` names an open_clip tag that uses other statistics.
+    """
+    size = image_size or clip_image_size(clip_model)
+    preprocess = dataclasses.asdict(PreprocessCfg())
+    if clip_pretrained and _is_pretrained_tag(clip_model, clip_pretrained):
+        preprocess = merge_preprocess_dict(
+            preprocess, open_clip.get_pretrained_cfg(_clip_name(clip_model), clip_pretrained)
+        )
+    common = dict(mean=preprocess["mean"], std=preprocess["std"], fill_color=preprocess["fill_color"])
+    if train:
+        return open_clip.image_transform(size, is_train=True, aug_cfg=AugmentationCfg(scale=(0.9, 1.0)), **common)
+    return open_clip.image_transform(
+        size,
+        is_train=False,
+        resize_mode=preprocess["resize_mode"],
+        interpolation=preprocess["interpolation"],
+        **common,
+    )
+
+
+class ClipEncoder(nn.Module):
+    """The frozen open_clip image tower (`visual`, named as in open_clip's and OpenAI's state dicts).
+
+    It stays in eval mode whatever its parent's mode, gets no gradients, and runs under no_grad.
+    """
+
+    def __init__(self, visual: nn.Module, clip_model: str, embed_dim: int, image_size: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.clip_model = clip_model
+        self.embed_dim = embed_dim
+        self.image_size = image_size
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ClipEncoder:
+        return super().train(False)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise LitAdapterError(
+                f"images must be a [B, 3, {self.image_size}, {self.image_size}] tensor for open_clip model "
+                f"{self.clip_model!r} (make them with lit_adapter.adapters.visual.image_transform), "
+                f"got shape {list(images.shape)}"
+            )
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, all_tokens: bool = True) -> torch.Tensor:
+        """[B, 3, S, S] -> all tokens [B, 1 + grid^2, embed_dim] (class token first) or the global [B, embed_dim]."""
+        self._check_images(images)
+        images = images.to(self._dtype())
+        if not all_tokens:
+            return self.visual(images)
+        if not isinstance(self.visual, VisionTransformer) or self.visual.attn_pool is not None:
+            raise LitAdapterError(
+                f"visual mode 'tokens' needs an open_clip ViT image tower without attentional pooling; "
+                f"{self.clip_model!r} has none, use mode 'global' or another clip_model"
+            )
+        # The last block's output with ln_post applied to every token, then the visual projection (official V2).
+        out = self.visual.forward_intermediates(
+            images,
+            indices=1,
+            normalize_intermediates=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+        return tokens @ self.visual.proj if self.visual.proj is not None else tokens
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.visual.parameters()).dtype
+
+
+def _resolve_pretrained(clip_model: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[Path]]:
+    """(open_clip tag, local file): at most one is set."""
+    if pretrained is None:
+        return None, None
+    if _is_pretrained_tag(clip_model, pretrained):
+        return pretrained, None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return None, path
+    if path.is_dir():
+        raise LitAdapterError(f"CLIP weights {path} is a folder; set clip_pretrained to the weights file inside it")
+    if os.sep in pretrained or "/" in pretrained or path.suffix in _WEIGHT_SUFFIXES:
+        raise LitAdapterError(f"CLIP weights file not found: {path} (check clip_pretrained)")
+    tags = open_clip.list_pretrained_tags_by_model(_clip_name(clip_model))
+    raise LitAdapterError(
+        f"clip_pretrained {pretrained!r} is neither an open_clip tag for {clip_model!r} (tags: {tags or 'none'}) "
+        "nor an existing weights file"
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = open_clip.factory.load_state_dict(str(path))
+    except Exception as err:  # torch/safetensors raise many types for unreadable files
+        reason = str(err).splitlines()[0] if str(err) else repr(err)
+        raise LitAdapterError(f"cannot read CLIP weights {path}: {reason}") from err
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_image_tower(model: nn.Module, path: Path, clip_model: str) -> None:
+    """Loads the image tower's tensors from a full CLIP state dict (`visual.*`) or an image-tower-only one."""
+    state = _read_weights(path)
+    if not any(key.startswith("visual.") for key in state):
+        state = {f"visual.{key}": value for key, value in state.items()}
+    resize_pos_embed(state, model)
+    visual = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
+    try:
+        missing, unexpected = model.visual.load_state_dict(visual, strict=False)
+    except RuntimeError as err:
+        reason = _first_mismatch(err)
+        raise LitAdapterError(f"CLIP weights {path} do not fit open_clip model {clip_model!r}: {reason}") from err
+    if missing or unexpected:
+        raise LitAdapterError(
+            f"CLIP weights {path} do not fit open_clip model {clip_model!r}: "
+            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]} (check clip_model)"
+        )
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else str(err).splitlines()[0]
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    """Hides open_clip's "initialized randomly" notice while the weights come from a local file loaded just after."""
+    notice = _RandomInitNotice()
+    if active:
+        logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
+def build_clip_encoder(config: VisualConfig, device: Optional[torch.device | str] = None) -> ClipEncoder:
+    """Builds the frozen image tower on `device` (default CPU, even inside a meta-device context) with its weights."""
+    name = _clip_name(config.clip_model)
+    tag, local = _resolve_pretrained(config.clip_model, config.clip_pretrained)
+    # OpenAI's releases (the "openai" tag, TorchScript archives) were trained with QuickGELU.
+    quick_gelu = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) or bool(
+        local and _is_torchscript(local)
+    )
+    with torch.device(device or "cpu"), _quiet_random_init(local is not None):
+        try:
+            model = open_clip.create_model(
+                name,
+                pretrained=tag,
+                device=device or "cpu",
+                force_quick_gelu=quick_gelu,
+                force_image_size=config.image_size,
+                pretrained_text=False,
+            )
+        except (RuntimeError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else repr(err)
+            if tag is None:
+                raise LitAdapterError(f"cannot build open_clip model {name!r}: {reason}") from err
+            raise LitAdapterError(
+                f"cannot fetch open_clip weights {name!r}/{tag!r} ({reason}); without internet, "
+                "set clip_pretrained to a local weights file"
+            ) from err
+        if local is not None:
+            _load_image_tower(model, local, config.clip_model)
+    return ClipEncoder(model.visual, config.clip_model, clip_embed_dim(name), config.resolved_image_size)
+
+
+class VisualAdapter(nn.Module):
+    """Images -> visual tokens for LLaMA: the frozen `clip` tower plus the trainable projection (see the module doc).
+
+    `load_clip=False` builds only the trainable part (`clip` is None): for counting parameters, meta-device
+    construction (`to_empty` + `reset_parameters`, then `attach_encoder(build_clip_encoder(config))`), or when the
+    features are precomputed (`project`).
+    """
+
+    def __init__(
+        self, config: VisualConfig, llama_dim: int, load_clip: bool = True, encoder: Optional[ClipEncoder] = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.llama_dim = llama_dim
+        self.register_module("clip", None)
+        embed, width = config.embed_dim, config.resolved_width
+        if config.mode == "tokens":
+            self.clip_proj = nn.Linear(embed, width)
+            self.clip_proj_norm = nn.LayerNorm(width)
+            self.visual_query = nn.Embedding(config.visual_len, width)
+            # timm 0.3.2 (the official code's) used torch's LayerNorm (eps 1e-5); newer timm defaults to 1e-6.
+            self.visual_blocks = nn.ModuleList(
+                Block(width, config.block_heads, config.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                for _ in range(config.n_blocks)
+            )
+            self.visual_proj = nn.Linear(width, llama_dim)
+        else:
+            self.visual_proj = nn.Sequential(nn.Linear(embed, width), nn.GELU(), nn.Linear(width, llama_dim))
+        self.visual_proj_norm = nn.LayerNorm(llama_dim)
+        if encoder is not None:
+            self.attach_encoder(encoder)
+        elif load_clip:
+            self.attach_encoder(build_clip_encoder(config))
+
+    def attach_encoder(self, encoder: ClipEncoder) -> None:
+        if encoder.embed_dim != self.config.embed_dim:
+            raise LitAdapterError(
+                f"CLIP encoder {encoder.clip_model!r} makes {encoder.embed_dim}-wide features, "
+                f"the visual adapter expects {self.config.embed_dim} ({self.config.clip_model!r})"
+            )
+        self.clip = encoder
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Everything but the frozen CLIP tower."""
+        for name, param in self.named_parameters():
+            if not name.startswith("clip."):
+                yield name, param
+
+    def reset_parameters(self) -> None:
+        """Default init of the trainable part (the CLIP tower is loaded, not initialised); works after to_empty()."""
+        for name, child in self.named_children():
+            if name == "clip":
+                continue
+            for module in child.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised images -> [B, visual_len (tokens) or 1 (global), llama_dim]."""
+        if self.clip is None:
+            raise LitAdapterError("the visual adapter has no CLIP encoder; attach one with build_clip_encoder(config)")
+        return self.project(self.clip(images, all_tokens=self.config.mode == "tokens"))
+
+    def project(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """CLIP features ([B, N, embed] tokens or [B, embed] global) -> [B, num_tokens, llama_dim]."""
+        features = clip_features.to(self.visual_proj_norm.weight.dtype)
+        if self.config.mode == "global":
+            return self.visual_proj_norm(self.visual_proj(features)).unsqueeze(1)
+        x = self.clip_proj_norm(self.clip_proj(features))
+        queries = self.visual_query.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([queries, x], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        return self.visual_proj_norm(self.visual_proj(x[:, : self.config.visual_len]))

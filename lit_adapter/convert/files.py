@@ -1,0 +1,108 @@
+"""Lazy reading of big weight files (torch `.pth`/`.bin` zip archives and `.safetensors`).
+
+Both formats are memory-mapped: a tensor costs nothing until its bytes are touched, but touched pages stay resident
+while the mapping lives. Converters therefore open a file once per chunk of keys, copy what they need, and close it,
+so the resident part of the source never grows past one chunk while the converted copy is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from lit_adapter.errors import LitAdapterError
+
+# bytes of source weights kept mapped at once; small enough to be noise next to the converted copy
+CHUNK_BYTES = 128 * 2**20
+
+
+def first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+class WeightsFile:
+    """One weights file: its keys, shapes and dtypes are read up front; the data only inside `open()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LitAdapterError(f"{self.path}: weights file not found")
+        with self.open() as tensors:
+            self.shapes = {k: tuple(tensors[k].shape) for k in tensors.keys()}
+            self.dtypes = {k: tensors[k].dtype for k in tensors.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def nbytes(self, key: str) -> int:
+        return torch.Size(self.shapes[key]).numel() * self.dtypes[key].itemsize
+
+    @contextmanager
+    def open(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        """Yields the file's tensors as views of the mapped file, valid only inside the block: on leaving it the
+        mapping is dropped (callers keep only copies)."""
+        if self.path.suffix == ".safetensors":
+            try:
+                handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+                raise LitAdapterError(f"{self.path}: cannot read safetensors file ({first_line(err)})") from None
+            view = _SafetensorsView(handle, self.path)
+            with handle:
+                try:
+                    yield view
+                finally:
+                    view.handle = None
+        else:
+            tensors = self._torch_load()
+            try:
+                yield tensors
+            finally:
+                tensors.clear()
+
+    def _torch_load(self) -> dict[str, torch.Tensor]:
+        try:
+            tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # truncated zip, not a torch file, unsafe pickle, ...
+            raise LitAdapterError(f"{self.path}: cannot read torch checkpoint ({first_line(err)})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise LitAdapterError(f"{self.path}: expected a dict of tensors, got {type(tensors).__name__}")
+        return tensors
+
+
+class _SafetensorsView(Mapping[str, torch.Tensor]):
+    def __init__(self, handle, path: Path) -> None:
+        self.handle, self.path = handle, path
+        self.names = list(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            return self.handle.get_tensor(key)
+        except Exception as err:
+            raise LitAdapterError(f"{self.path}: cannot read tensor {key!r} ({first_line(err)})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def chunks(keys: Iterable[str], nbytes: Callable[[str], int], budget: int = 0) -> Iterator[list[str]]:
+    """Consecutive groups of keys of at most `budget` bytes each (a bigger tensor gets a group of its own)."""
+    budget = budget or CHUNK_BYTES
+    group: list[str] = []
+    size = 0
+    for key in keys:
+        if group and size + nbytes(key) > budget:
+            yield group
+            group, size = [], 0
+        group.append(key)
+        size += nbytes(key)
+    if group:
+        yield group

@@ -1,0 +1,216 @@
+"""Image-caption data (the V2 visual pre-training): COCO caption annotations or JSON Lines, with images.
+
+The prompt is the instruction "Generate caption of this image" in the chosen prompt style (alpaca by default, as
+in the official recipe) and the caption is the response. Every image is checked while preparing (missing or
+unreadable -> error, or skip and count), so a bad file never stops training halfway. Batches add `images`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from lit_adapter.data.base import PROGRESS_MIN_RECORDS, TokenizedDataModule
+from lit_adapter.data.demo import resolve_builtin
+from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, encode_segments
+from lit_adapter.data.records import (
+    BadRecord,
+    RawRecord,
+    RecordGate,
+    RecordReport,
+    check_image,
+    load_json,
+    read_records,
+    record_object,
+    string_field,
+)
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.tokenizer import Tokenizer
+
+CAPTION_INSTRUCTION = "Generate caption of this image"
+
+
+class CaptionDataModule(TokenizedDataModule):
+    """Image-caption data for training the visual adapter.
+
+    Args:
+        data_path: COCO caption annotations (`captions_train2014.json`), a `.jsonl` file of
+            {"image": path, "caption": text} records, or "builtin:demo" (generated shape drawings)
+        image_dir: the image folder (COCO: where `file_name` lives; JSONL: the base of relative paths, default the
+            file's own folder)
+        tokenizer_path: the SentencePiece model; the trainer fills it in from the checkpoint folder when left out
+        clip_model: the open_clip model whose image transform is used
+        image_size: image side in pixels (default: the CLIP model's)
+        prompt_style: alpaca, alpaca_zh, chat or raw
+        max_seq_length: longer samples are cut to this many tokens (counted in a warning)
+        batch_size: samples per batch
+        val_split: validation part, counted in images (all captions of an image stay on one side): a fraction in
+            [0, 1) or a count (ignored for builtin:demo, which has its own validation images)
+        seed: seed of the validation split and of the shuffling
+        num_workers: data loader worker processes
+        group_by_length: batch samples of similar length together
+        on_bad_record: "error" (stop at the first bad record) or "skip" (skip and count bad records)
+        cache_dir: where tokenised data is cached
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        image_dir: Optional[Path] = None,
+        tokenizer_path: Optional[Path] = None,
+        clip_model: str = "ViT-L-14",
+        image_size: Optional[int] = None,
+        prompt_style: str = "alpaca",
+        max_seq_length: int = 128,
+        batch_size: int = 4,
+        val_split: Union[float, int] = 0.05,
+        seed: int = 42,
+        num_workers: int = 0,
+        group_by_length: bool = False,
+        on_bad_record: str = "error",
+        cache_dir: Optional[Path] = None,
+    ) -> None:
+        super().__init__(
+            data_path, tokenizer_path, prompt_style, max_seq_length, batch_size, val_split, seed, num_workers,
+            group_by_length, on_bad_record, cache_dir,
+        )  # fmt: skip
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.clip_model = clip_model
+        self.image_size = image_size
+        self.builtin = resolve_builtin(self.data_path, "caption")
+
+    def sources(self) -> list[str]:
+        return ["train", "val"] if self.builtin else ["all"]
+
+    def source_files(self, role: str) -> list[Path]:
+        if self.builtin:
+            return [self.builtin[0] if role == "train" else self.builtin[1]]
+        return [Path(self.data_path)]
+
+    def source_settings(self, role: str) -> dict:
+        # image paths are stored resolved, so the folders they were resolved against are part of the key
+        path = self.source_files(role)[0]
+        return {"image_dir": str(self._image_root(path).resolve())}
+
+    def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
+        path = self.source_files(role)[0]
+        gate = RecordGate(path, report, self.on_bad_record)
+        builder = SampleBuilder(report, self.max_seq_length)
+        prompt = self.prompt_style.apply(CAPTION_INSTRUCTION)
+        checked: dict[Path, Optional[BadRecord]] = {}
+        records = list(caption_records(path, self._image_root(path)))
+        for record, image, caption in tqdm(
+            records, desc=f"checking {path.name}", disable=len(records) < PROGRESS_MIN_RECORDS
+        ):
+            try:
+                if record.error is not None:
+                    raise record.error
+                if image not in checked:
+                    checked[image] = _image_problem(image)
+                if checked[image] is not None:
+                    raise checked[image]
+            except BadRecord as bad:
+                gate.reject(record, bad)
+                continue
+            builder.add(*encode_segments(tokenizer, [(prompt, False), (caption, True)]), image=str(image))
+        return builder.build()
+
+    def split_keys(self, encoded: EncodedSamples) -> list[str]:
+        return encoded.extras["image"]
+
+    def extras_loader(self, encoded: EncodedSamples, train: bool) -> Callable[[int], dict]:
+        from lit_adapter.adapters.visual import image_transform
+
+        return ImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, self.image_size))
+
+    def _image_root(self, path: Path) -> Path:
+        return self.image_dir if self.image_dir is not None else path.parent
+
+
+def _image_problem(image: Path) -> Optional[BadRecord]:
+    try:
+        check_image(image)
+    except BadRecord as bad:
+        return bad
+    return None
+
+
+def caption_records(path: Path, image_root: Path) -> Iterator[tuple[RawRecord, Path, str]]:
+    """(record, image path, caption) for each caption; a record that fails its checks carries the error."""
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: caption file not found")
+    if path.suffix == ".jsonl":
+        for record in read_records(path):
+            yield _jsonl_caption(record, image_root)
+        return
+    data = load_json(path)
+    if isinstance(data, dict) and "annotations" in data:
+        yield from _coco_captions(path, data, image_root)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield _jsonl_caption(RawRecord(index, value), image_root)
+    else:
+        raise LitAdapterError(
+            f"{path}: expected COCO caption annotations ('images' and 'annotations') or a list of "
+            "{'image', 'caption'} records"
+        )
+
+
+def _jsonl_caption(record: RawRecord, image_root: Path) -> tuple[RawRecord, Path, str]:
+    if record.error is not None:
+        return record, image_root, ""
+    try:
+        value = record_object(record.value)
+        image = image_root / string_field(value, "image")
+        caption = string_field(value, "caption")
+    except BadRecord as bad:
+        record.error = bad
+        return record, image_root, ""
+    return record, image, caption
+
+
+def _coco_captions(path: Path, data: dict, image_root: Path) -> Iterator[tuple[RawRecord, Path, str]]:
+    images, annotations = data.get("images"), data.get("annotations")
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise LitAdapterError(f"{path}: COCO annotations need the lists 'images' and 'annotations'")
+    files: dict = {}
+    for number, entry in enumerate(images):
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
+            raise LitAdapterError(f"{path}: images[{number}] needs 'id' and a string 'file_name'")
+        files[entry["id"]] = entry["file_name"]
+    for index, annotation in enumerate(annotations):
+        record = RawRecord(index, annotation)
+        try:
+            value = record_object(annotation)
+            if "image_id" not in value:
+                raise BadRecord("missing field 'image_id'")
+            if value["image_id"] not in files:
+                raise BadRecord("unknown image_id", f"field 'image_id' ({value['image_id']!r}) is not in 'images'")
+            yield record, image_root / files[value["image_id"]], string_field(value, "caption")
+        except BadRecord as bad:
+            record.error = bad
+            yield record, image_root, ""
+
+
+class ImageLoader:
+    """Loads sample i's image as RGB and applies the CLIP transform (picklable for worker processes)."""
+
+    def __init__(self, paths: list[str], transform: Callable) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": load_image(Path(self.paths[index]), self.transform)}
+
+
+def load_image(path: Path, transform: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB"))
+    except OSError as err:
+        raise LitAdapterError(f"{path}: cannot read image ({err}); it was readable when prepared") from None

@@ -1,0 +1,318 @@
+"""ScienceQA: the official `problems.json` + `pid_splits.json`, prompts, targets and a training data module.
+
+Prompt (the official "QCM" input format, used as the instruction of the prompt style):
+    "Question: {question}\nContext: {hint and caption, or N/A}\nOptions: (A) {choice} (B) {choice}\n"
+Target: "The answer is (X)." Images live in `images/<split>/<pid>/image.png` (the official layout).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_adapter.data.base import TokenizedDataModule
+from lit_adapter.data.caption import load_image
+from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, TokenizedDataset, encode_segments
+from lit_adapter.data.prompts import PromptStyle, get_prompt_style
+from lit_adapter.data.records import BadRecord, RawRecord, RecordGate, RecordReport, check_image
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.tokenizer import Tokenizer
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PROBLEMS_FILE = "problems.json"
+SPLITS_FILE = "pid_splits.json"
+SUBJECT_CODES = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+@dataclass(frozen=True)
+class ScienceQAProblem:
+    pid: str
+    question: str
+    choices: list[str]
+    answer: int
+    hint: str
+    image: Optional[str]
+    subject: str
+    grade: str
+    split: str = ""
+    lecture: str = field(default="", repr=False)
+    solution: str = field(default="", repr=False)
+
+    # context modality, as the official evaluator defines it (TXT and IMG can both hold)
+    @property
+    def has_text(self) -> bool:
+        return bool(self.hint)
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.image)
+
+    @property
+    def no_context(self) -> bool:
+        return not self.hint and not self.image
+
+    @property
+    def grade_number(self) -> int:
+        return int(self.grade.removeprefix("grade"))
+
+    def categories(self) -> list[str]:
+        """The columns of the paper's table this problem counts in: subject, modality (TXT/IMG or NO), grade band."""
+        found = [SUBJECT_CODES[self.subject]] if self.subject in SUBJECT_CODES else []
+        found += [name for name, holds in (("TXT", self.has_text), ("IMG", self.has_image), ("NO", self.no_context))
+                  if holds]  # fmt: skip
+        found.append("G1-6" if self.grade_number <= 6 else "G7-12")
+        return found
+
+
+def load_problems(data_dir: Union[str, Path], split: str) -> list[ScienceQAProblem]:
+    """The problems of `split` (a key of pid_splits.json: train, val, test, minival, minitest, ...), in file order."""
+    data_dir = Path(data_dir)
+    problems = _read_json(data_dir / PROBLEMS_FILE)
+    splits = _read_json(data_dir / SPLITS_FILE)
+    if not isinstance(problems, dict) or not isinstance(splits, dict):
+        raise LitAdapterError(f"{data_dir}: {PROBLEMS_FILE} and {SPLITS_FILE} must each hold a JSON object")
+    if split not in splits:
+        raise LitAdapterError(
+            f"{data_dir / SPLITS_FILE}: unknown split {split!r}; valid splits: {', '.join(sorted(splits))}"
+        )
+    out = []
+    for pid in splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            raise LitAdapterError(f"{data_dir / PROBLEMS_FILE}: problem {pid} of split {split!r} is missing")
+        out.append(_problem(pid, problems[pid], data_dir / PROBLEMS_FILE))
+    return out
+
+
+def load_captions(path: Union[str, Path]) -> dict[str, str]:
+    """`{"captions": {pid: text}}` (the official captions.json) -> {pid: text}."""
+    data = _read_json(Path(path))
+    captions = data.get("captions") if isinstance(data, dict) else None
+    if not isinstance(captions, dict):
+        raise LitAdapterError(f"{path}: expected {{\"captions\": {{pid: text}}}}")
+    return {str(pid): str(text) for pid, text in captions.items()}
+
+
+def context_text(problem: ScienceQAProblem, caption: Optional[str] = None) -> str:
+    """The hint, then the caption (if given), joined by a space; "N/A" when both are empty (official rule)."""
+    return " ".join([problem.hint, caption or ""]).strip() or "N/A"
+
+
+def build_prompt(problem: ScienceQAProblem, caption: Optional[str] = None) -> str:
+    options = " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(problem.choices))
+    return f"Question: {problem.question}\nContext: {context_text(problem, caption)}\nOptions: {options}\n"
+
+
+def target_text(problem: ScienceQAProblem) -> str:
+    return f"The answer is ({OPTION_LETTERS[problem.answer]})."
+
+
+def image_path(problem: ScienceQAProblem, image_dir: Path) -> Optional[Path]:
+    """`image_dir/<split>/<pid>/<image>` (image_dir = the official `images` folder) or `image_dir/<pid>/<image>`
+    (image_dir = one split's folder); None for a problem without an image."""
+    if not problem.image:
+        return None
+    candidates = [image_dir / problem.split / problem.pid / problem.image] if problem.split else []
+    candidates.append(image_dir / problem.pid / problem.image)
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LitAdapterError(f"{path}: not valid JSON ({err})") from None
+
+
+def _problem(pid: str, raw: dict, source: Path) -> ScienceQAProblem:
+    def checked(name: str, kind: type, default=None):
+        value = raw.get(name, default)
+        if not isinstance(value, kind):
+            raise LitAdapterError(f"{source}: problem {pid}: field {name!r} must be {kind.__name__}, found {value!r}")
+        return value
+
+    choices = checked("choices", list)
+    answer = checked("answer", int)
+    if not choices or not 0 <= answer < len(choices):
+        raise LitAdapterError(f"{source}: problem {pid}: answer {answer} is not an index of its {len(choices)} choices")
+    return ScienceQAProblem(
+        pid=pid,
+        question=checked("question", str),
+        choices=[str(c) for c in choices],
+        answer=answer,
+        hint=checked("hint", str, "") or "",
+        image=raw.get("image") or None,
+        subject=checked("subject", str),
+        grade=checked("grade", str),
+        split=str(raw.get("split") or ""),
+        lecture=str(raw.get("lecture") or ""),
+        solution=str(raw.get("solution") or ""),
+    )
+
+
+def training_segments(problem: ScienceQAProblem, style: PromptStyle, caption: Optional[str] = None):
+    return style.training_segments(build_prompt(problem, caption), "", target_text(problem))
+
+
+class ScienceQADataset(Dataset):
+    """Tokenised ScienceQA problems for training (no cache: for small sets and direct use; the data module caches).
+
+    Items: `input_ids`, `labels` and, with `image_dir` and `transform`, `image` [3,S,S] (zeros for a problem without
+    an image) and `has_image`.
+    """
+
+    def __init__(
+        self,
+        problems: list[ScienceQAProblem],
+        tokenizer: Tokenizer,
+        prompt_style: str = "alpaca",
+        max_seq_length: int = 512,
+        captions: Optional[dict[str, str]] = None,
+        image_dir: Optional[Path] = None,
+        transform: Optional[Callable] = None,
+        image_size: int = 224,
+    ) -> None:
+        report = RecordReport("problems")
+        encoded = encode_problems(problems, tokenizer, get_prompt_style(prompt_style), max_seq_length, report,
+                                  captions, image_dir)  # fmt: skip
+        loader = ProblemImageLoader(encoded.extras["image"], transform, image_size) if transform else None
+        self.report = report
+        self.inner = TokenizedDataset(encoded, range(len(encoded)), loader)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.inner[index]
+
+
+def encode_problems(
+    problems: list[ScienceQAProblem],
+    tokenizer: Tokenizer,
+    style: PromptStyle,
+    max_seq_length: int,
+    report: RecordReport,
+    captions: Optional[dict[str, str]] = None,
+    image_dir: Optional[Path] = None,
+    gate: Optional[RecordGate] = None,
+) -> EncodedSamples:
+    builder = SampleBuilder(report, max_seq_length)
+    for index, problem in enumerate(problems):
+        image = image_path(problem, image_dir) if image_dir is not None else None
+        if image is not None:
+            try:
+                check_image(image)
+            except BadRecord as bad:
+                if gate is None:
+                    raise LitAdapterError(f"problem {problem.pid}: {bad.detail}") from None
+                gate.reject(RawRecord(index), BadRecord(bad.reason, f"problem {problem.pid}: {bad.detail}"))
+                continue
+        segments = training_segments(problem, style, (captions or {}).get(problem.pid))
+        builder.add(*encode_segments(tokenizer, segments), image=str(image) if image else "", pid=problem.pid)
+    return builder.build()
+
+
+class ProblemImageLoader:
+    """Sample i's transformed image, or zeros for a problem without one; `has_image` tells which."""
+
+    def __init__(self, paths: list[str], transform: Callable, image_size: int) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.image_size = image_size
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.paths[index]
+        if not path:
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            return {"image": blank, "has_image": torch.tensor(False)}
+        return {"image": load_image(Path(path), self.transform), "has_image": torch.tensor(True)}
+
+
+class ScienceQADataModule(TokenizedDataModule):
+    """ScienceQA training data: the official train split, validated on another official split.
+
+    Args:
+        data_dir: the folder with problems.json and pid_splits.json
+        tokenizer_path: the SentencePiece model; the trainer fills it in from the checkpoint folder when left out
+        train_split: the split to train on
+        val_split: the split to validate on (None: no validation)
+        captions: captions.json ({"captions": {pid: text}}) whose text joins the hint as context
+        image_dir: the official `images` folder (with train/val/test inside); given, batches add `images` (zeros
+            for problems without an image) and `has_image`
+        clip_model: the open_clip model whose image transform is used
+        image_size: image side in pixels (default: the CLIP model's)
+        prompt_style: alpaca, alpaca_zh, chat or raw
+        max_seq_length: longer samples are cut to this many tokens (counted in a warning)
+        batch_size: samples per batch
+        seed: seed of the shuffling
+        num_workers: data loader worker processes
+        group_by_length: batch samples of similar length together
+        on_bad_record: "error" or "skip" (a problem whose image is missing or unreadable)
+        cache_dir: where tokenised data is cached
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        tokenizer_path: Optional[Path] = None,
+        train_split: str = "train",
+        val_split: Optional[str] = "val",
+        captions: Optional[Path] = None,
+        image_dir: Optional[Path] = None,
+        clip_model: str = "ViT-L-14",
+        image_size: Optional[int] = None,
+        prompt_style: str = "alpaca",
+        max_seq_length: int = 512,
+        batch_size: int = 4,
+        seed: int = 42,
+        num_workers: int = 0,
+        group_by_length: bool = False,
+        on_bad_record: str = "error",
+        cache_dir: Optional[Path] = None,
+    ) -> None:
+        super().__init__(
+            data_dir, tokenizer_path, prompt_style, max_seq_length, batch_size, 0, seed, num_workers,
+            group_by_length, on_bad_record, cache_dir,
+        )  # fmt: skip
+        self.data_dir = Path(data_dir)
+        self.splits = {"train": train_split, **({"val": val_split} if val_split else {})}
+        self.captions_path = Path(captions) if captions is not None else None
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.clip_model = clip_model
+        self.image_size = image_size
+
+    def sources(self) -> list[str]:
+        return list(self.splits)
+
+    def source_files(self, role: str) -> list[Path]:
+        files = [self.data_dir / PROBLEMS_FILE, self.data_dir / SPLITS_FILE]
+        return files + ([self.captions_path] if self.captions_path is not None else [])
+
+    def source_name(self, role: str) -> str:
+        return f"{PROBLEMS_FILE}[{self.splits[role]}]"
+
+    def source_settings(self, role: str) -> dict:
+        image_dir = str(self.image_dir.resolve()) if self.image_dir is not None else None
+        return {"split": self.splits[role], "image_dir": image_dir}
+
+    def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
+        problems = load_problems(self.data_dir, self.splits[role])
+        captions = load_captions(self.captions_path) if self.captions_path is not None else None
+        gate = RecordGate(self.data_dir / PROBLEMS_FILE, report, self.on_bad_record)
+        return encode_problems(problems, tokenizer, self.prompt_style, self.max_seq_length, report, captions,
+                               self.image_dir, gate)  # fmt: skip
+
+    def extras_loader(self, encoded: EncodedSamples, train: bool) -> Optional[Callable[[int], dict]]:
+        if self.image_dir is None:
+            return None
+        from lit_adapter.adapters.visual import clip_image_size, image_transform
+
+        size = self.image_size or clip_image_size(self.clip_model)
+        return ProblemImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, size), size)

@@ -1,0 +1,148 @@
+"""Multi-turn chat: the V2 chat template, history kept within the context window, /image, /reset, /exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Optional, TextIO
+
+import torch
+
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.inference.engine import Completion, Decoding, Engine, ExpertSlot, with_context
+from lit_adapter.inference.experts import Expert
+from lit_adapter.inference.images import check_image
+
+HELP = "commands: /image PATH (talk about an image), /reset (forget the conversation), /exit"
+
+
+class ChatSession:
+    """A conversation with an engine whose prompt style has `apply_turns` (the chat template)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        decoding: Decoding,
+        system: Optional[str] = None,
+        expert: Optional[Expert] = None,
+        expert_slot: ExpertSlot = "input",
+        generator: Optional[torch.Generator] = None,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ) -> None:
+        if not hasattr(engine.style, "apply_turns"):
+            raise LitAdapterError(f"prompt style {engine.style.name!r} has no multi-turn form; use --prompt_style chat")
+        self.engine = engine
+        self.decoding = decoding
+        self.system = system
+        self.expert = expert
+        self.expert_slot = expert_slot
+        self.generator = generator
+        self.out, self.err = out, err
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns: list[tuple[str, str]] = []
+        self.image: Optional[Path] = None
+        self.visual: Optional[torch.Tensor] = None
+        self.pending_context = ""  # the expert's text about a new image, added to the next message
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False when the chat should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line == "/exit":
+            return False
+        if line == "/reset":
+            self.reset()
+            self.notice("conversation reset")
+        elif line.startswith("/image"):
+            self.set_image(line[len("/image"):].strip())
+        elif line.startswith("/") and line.split()[0] in ("/help", "/?"):
+            self.notice(HELP)
+        else:
+            self.reply(line)
+        return True
+
+    def set_image(self, path: str) -> None:
+        if not path:
+            self.notice("usage: /image PATH")
+            return
+        try:
+            image = check_image(Path(path).expanduser())
+            if self.expert is None and not self.engine.multimodal:
+                raise LitAdapterError(f"{image}: this model has no visual encoder; start the chat with --expert")
+            context = self.expert(image) if self.expert is not None else ""
+            visual = self.engine.visual_tokens([image])
+        except LitAdapterError as err:
+            self.notice(f"error: {err}")
+            return
+        self.image, self.visual, self.pending_context = image, visual, context
+        self.notice(f"image {image} loaded")
+
+    def reply(self, message: str) -> Optional[str]:
+        """Stream the answer to `message` to `out`; it joins the history. None when the message cannot fit."""
+        if self.pending_context:
+            parts = with_context(message, "", self.pending_context, self.expert_slot)
+            message = "\n\n".join(part for part in parts if part)
+        ids = self.fit_history(message)
+        if ids is None:
+            return None
+        completion = Completion(prompt_tokens=ids.numel())
+        started = False  # the reply's leading space (after "Assistant:") is not shown
+        for piece in self.engine.stream(ids, self.decoding, self.visual, self.generator, completion):
+            piece = piece if started else piece.lstrip()
+            started = started or bool(piece)
+            self.out.write(piece)
+            self.out.flush()
+        self.out.write("\n")
+        self.out.flush()
+        self.pending_context = ""
+        answer = completion.text.strip()
+        self.turns.append((message, answer))
+        return answer
+
+    def fit_history(self, message: str) -> Optional[torch.Tensor]:
+        """Prompt ids for the history plus `message`, dropping the oldest turns until the reply has room."""
+        budget = self.engine.context_length - self.decoding.max_new_tokens
+        dropped = 0
+        while True:
+            turns = [*self.turns[dropped:], (message, None)]
+            ids = self.engine.encode(self.engine.style.apply_turns(turns, system=self.system))
+            if ids.numel() <= budget or dropped == len(self.turns):
+                break
+            dropped += 1
+        if dropped:
+            self.turns = self.turns[dropped:]
+            self.notice(f"dropped the {dropped} oldest turn(s) to stay within the {self.engine.context_length}-token "
+                        "context")
+        if ids.numel() >= self.engine.context_length:
+            self.notice(f"error: the message is {ids.numel()} tokens with the template, the model's context is "
+                        f"{self.engine.context_length}: send a shorter one")
+            return None
+        return ids
+
+    def notice(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+
+def run_chat(session: ChatSession, lines: Iterable[str], interactive: bool = False) -> None:
+    """Feed lines (stdin, a pipe, a list) to the session until /exit or the end of the input."""
+    if interactive:
+        session.notice(HELP)
+    for line in prompts(lines, session.err if interactive else None):
+        if not session.handle(line):
+            break
+
+
+def prompts(lines: Iterable[str], err: Optional[TextIO]) -> Iterable[str]:
+    iterator = iter(lines)
+    while True:
+        if err is not None:
+            print(">> ", end="", file=err, flush=True)
+        line = next(iterator, None)
+        if line is None:
+            return
+        yield line

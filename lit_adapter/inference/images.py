@@ -1,0 +1,39 @@
+"""Reading images for generation: one-line errors naming the file for a missing or unreadable image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lit_adapter.errors import LitAdapterError
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image at `path` as RGB, fully decoded (a truncated file fails here, not later)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = f"{path}: cannot read image ({reason}); pass a PNG, JPEG or other PIL-readable file"
+        raise LitAdapterError(message) from None
+
+
+def check_image(path: Path) -> Path:
+    """Fail early, with the file's name, when an image is missing or corrupt."""
+    open_image(path)
+    return Path(path)
+
+
+def load_images(
+    paths: Sequence[Path], transform: Callable, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Images through `transform`, stacked into [B, 3, H, W]."""
+    tensors = [transform(open_image(path)) for path in paths]
+    return torch.stack(tensors).to(device=device, dtype=dtype)

@@ -1,0 +1,384 @@
+"""LitAdapterModule: a frozen LLaMA with LLaMA-Adapter V1/V2 adapters, trained by Lightning.
+
+Precision: under "bf16-true" the frozen weights are bf16 while every trainable parameter, and so the optimizer state,
+stays float32 (`to` below restores them after Lightning's whole-module cast); the adapter modules cast their float32
+parameters to the activation dtype in forward.
+
+Joint training (V2): each batch carries its source ("instruction" or "caption"). With `route_groups`, the optimizer
+step after a caption batch updates only the "visual" parameter group and after an instruction batch only the
+"language" group. The mechanism is one AdamW with per-step routing: in `on_before_optimizer_step` the gradients of
+the other group are set to None. torch's AdamW skips a parameter whose .grad is None entirely (no moment update, no
+weight decay, no step count), so the other group stays bit-identical, and gradient clipping then only sees the routed
+group. One optimizer (instead of two under manual optimisation) keeps Lightning's gradient accumulation, clipping,
+precision and checkpointing; `ResumableLoader` makes every accumulation window hold batches of a single source.
+Under DDP a step leaves some trainable parameters unused, so DDP needs `find_unused_parameters=True`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
+from lit_adapter.adapters.groups import parameter_groups
+from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, load_model, save_yaml, tokenizer_path
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.model import Block
+from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
+from lit_adapter.training.schedule import resolve_warmup_steps, warmup_cosine
+
+IGNORE_INDEX = -100
+SOURCE_GROUP = {CAPTION: "visual", INSTRUCTION: "language"}
+WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+STATE_PREFIX = "model."
+
+
+def resolve_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
+    """A checkpoint folder, or the name "stories260K" (converted once into the cache)."""
+    if str(checkpoint_dir) == "stories260K" and not Path(checkpoint_dir).is_dir():
+        from lit_adapter.download import stories260k_checkpoint
+
+        return stories260k_checkpoint()
+    return Path(checkpoint_dir)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the infixes that FSDP, activation checkpointing or torch.compile insert."""
+    for infix in WRAPPER_INFIXES:
+        name = name.replace(infix, "")
+    return name
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of supervised tokens): logits at t predict labels at t+1; -100 is ignored."""
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+class LitAdapterModule(LightningModule):
+    """Trains LLaMA-Adapter parameters on a frozen LLaMA.
+
+    Args:
+        checkpoint_dir: the base model's checkpoint folder (from `lit-adapter convert`), or "stories260K"
+        adapter: which adapters to attach (AdapterConfig; e.g. the V1 or V2 settings)
+        learning_rate: peak learning rate (official V1: 9e-3 x effective batch / 256)
+        weight_decay: AdamW weight decay (not applied to biases and other 1-D parameters)
+        betas: AdamW betas
+        warmup_steps: linear warmup length in optimizer steps (or use warmup_epochs)
+        warmup_epochs: linear warmup length in epochs (may be fractional)
+        min_lr: the learning rate the cosine decay ends at
+        route_groups: joint training: caption batches update only the visual group, instruction batches only the
+            language group (off: every batch updates every trainable parameter)
+        trainable: glob patterns over adapter parameter names (e.g. "llama.*.bias"); only matching adapter
+            parameters train, the others stay frozen at their initial (or init_adapter) values; None = all
+        init_adapter: start from this adapter (folder or adapter.safetensors, e.g. a previous training phase)
+        activation_checkpointing: recompute each block's activations in backward (FSDP: set the strategy's
+            activation_checkpointing_policy instead)
+        export_adapter: at the end of fit, write adapter.safetensors + adapter_config.yaml into the run folder
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str = "stories260K",
+        adapter: Optional[AdapterConfig] = None,
+        learning_rate: float = 1.125e-3,
+        weight_decay: float = 0.02,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: Optional[int] = None,
+        warmup_epochs: Optional[float] = None,
+        min_lr: float = 0.0,
+        route_groups: bool = True,
+        trainable: Optional[list[str]] = None,
+        init_adapter: Optional[str] = None,
+        activation_checkpointing: bool = False,
+        export_adapter: bool = True,
+    ) -> None:
+        super().__init__()
+        self.adapter_config = adapter if adapter is not None else AdapterConfig()
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = self.adapter_config.to_dict()
+        self.checkpoint_dir = checkpoint_dir
+        self.model: Optional[AdapterModel] = None
+        self.strict_loading = False  # checkpoints hold only the trainable state
+        self.initial_val_loss: Optional[float] = None
+        self.last_val_loss: Optional[float] = None
+        self._val_sums: dict[str, list[float]] = {}
+        self._window_sources: set[str] = set()
+        self._tokens = 0
+        self._train_seconds = 0.0
+        self._batch_start: Optional[float] = None
+
+    # ---- the model ----
+
+    @property
+    def base_dir(self) -> Path:
+        return resolve_checkpoint_dir(self.checkpoint_dir)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return tokenizer_path(self.base_dir)
+
+    @property
+    def max_seq_length(self) -> int:
+        return load_config(self.base_dir).max_seq_len
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        # The strategy's init context decides device and dtype: the frozen weights load straight into them (the
+        # model is built on the meta device and the weights are assigned, so there is one copy in memory).
+        device, dtype = torch.empty(0).device, torch.get_default_dtype()
+        base = load_model(self.base_dir, device=device, dtype=dtype)
+        with default_dtype(torch.float32):  # adapter parameters are created (and initialised) in float32
+            model = build_adapter_model(base, self.adapter_config)
+        self.model = model
+        if self.hparams.init_adapter:
+            self._load_initial_adapter(self.hparams.init_adapter)
+        self._apply_trainable_patterns()
+        if self.hparams.activation_checkpointing and not self._sharded():
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model.llama, check_fn=lambda module: isinstance(module, Block))
+
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _load_initial_adapter(self, path: str) -> None:
+        from lit_adapter.adapters.io import load_adapter
+
+        load_adapter(self.model, path)
+
+    def _apply_trainable_patterns(self) -> None:
+        patterns = self.hparams.trainable
+        if patterns is None:
+            return
+        trainable = [n for n in self.model.adapter_names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if not trainable:
+            raise LitAdapterError(
+                f"trainable={patterns} matches none of the adapter parameters (e.g. {self.model.adapter_names[:3]})"
+            )
+        params = dict(self.model.named_parameters())
+        for name in self.model.adapter_names:
+            params[name].requires_grad_(name in trainable)
+
+    def trainable_names(self) -> list[str]:
+        """State-dict keys (relative to this module) of the parameters being trained."""
+        assert self.model is not None
+        return [STATE_PREFIX + clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def to(self, *args: Any, **kwargs: Any) -> LitAdapterModule:
+        """Move/cast as nn.Module does, but keep trainable parameters in float32 (see the module docstring)."""
+        keep = {p: p.data for p in self.parameters() if p.requires_grad and p.dtype == torch.float32}
+        super().to(*args, **kwargs)
+        for param, data in keep.items():
+            if param.dtype != torch.float32:
+                param.data = data.to(param.device)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids, images=images)
+
+    # ---- training ----
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        source = batch.get(SOURCE_KEY) or (CAPTION if "images" in batch else INSTRUCTION)
+        self._window_sources.add(source)
+        total, count = masked_cross_entropy(self(batch["input_ids"], batch.get("images")), batch["labels"])
+        loss = total / count.clamp(min=1)
+        self._check_finite(loss)
+        self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"train_{source}_loss", loss, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise LitAdapterError(
+            f"step {self.global_step}: the training loss is {loss.item()}; training stopped and {kept} "
+            "(lower the learning rate or check the data, then resume with --ckpt_path last)"
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        sources, self._window_sources = self._window_sources, set()
+        if not self.hparams.route_groups or not sources:
+            return
+        if len(sources) > 1:
+            raise LitAdapterError(
+                f"one optimizer step accumulated batches of {sorted(sources)}; use the joint data module, which keeps "
+                "each accumulation window to one source, or set route_groups: false"
+            )
+        keep = {id(p) for _, p in parameter_groups(self.model)[SOURCE_GROUP[sources.pop()]]}
+        for param in self.model.parameters():
+            if param.grad is not None and id(param) not in keep:
+                param.grad = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        if not decay and not no_decay:
+            raise LitAdapterError("no trainable parameters: check the adapter config and `trainable`")
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.betas))
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, -(-self.trainer.num_training_batches // self.trainer.accumulate_grad_batches))
+        if self.trainer.num_training_batches == float("inf"):
+            steps_per_epoch = total
+        warmup = resolve_warmup_steps(hp.warmup_steps, hp.warmup_epochs, steps_per_epoch, total)
+        scheduler = warmup_cosine(optimizer, warmup, total, hp.min_lr / hp.learning_rate if hp.learning_rate else 0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            self._train_seconds += time.perf_counter() - self._batch_start
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("tokens_per_sec", self.tokens_per_second())
+        self.log("peak_memory_gb", peak_memory_gb(self.device))
+
+    def tokens_per_second(self) -> float:
+        """Input tokens (padding excluded) per second of training step, summed over all processes."""
+        return self._tokens * self.trainer.world_size / self._train_seconds if self._train_seconds else 0.0
+
+    # ---- validation ----
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        source = CAPTION if "images" in batch else INSTRUCTION
+        total, count = masked_cross_entropy(self(batch["input_ids"], batch.get("images")), batch["labels"])
+        sums = self._val_sums.setdefault(source, [0.0, 0.0])
+        sums[0] += float(total)
+        sums[1] += float(count)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        """Token-weighted mean loss over the whole validation set(s), reduced over all processes."""
+        losses = {}
+        for source in (INSTRUCTION, CAPTION):
+            sums = torch.tensor(self._val_sums.get(source, [0.0, 0.0]), dtype=torch.float64, device=self.device)
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            if sums[1] > 0:
+                losses[source] = sums
+        if not losses:
+            return
+        total = sum(losses.values())
+        val_loss = float(total[0] / total[1])
+        if self.trainer.sanity_checking:
+            self.initial_val_loss = val_loss
+            rank_zero_info(f"validation loss before training: {val_loss:.4f}")
+            return
+        self.last_val_loss = val_loss
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+        for source, sums in losses.items():
+            self.log(f"val_{source}_loss", float(sums[0] / sums[1]), sync_dist=False)
+
+    # ---- checkpoints ----
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trainable tensors (the frozen base is rebuilt from checkpoint_dir)."""
+        keep = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["adapter_config"] = self.adapter_config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k in self.trainable_names() if k not in checkpoint.get("state_dict", {})]
+        if missing:
+            raise LitAdapterError(
+                f"the checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]!r}); it was written for "
+                "a different adapter config"
+            )
+
+    # ---- the end of fit ----
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_adapter and not self.trainer.interrupted:
+            out_dir = Path(self.trainer.default_root_dir)
+            self.export(out_dir)
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            print(self.summary(), flush=True)
+
+    def export(self, out_dir: Path) -> None:
+        """adapter.safetensors + adapter_config.yaml, the tokenizer and model config of the base, and a note of the
+        base folder, in out_dir (global rank 0 writes)."""
+        if not self.trainer.is_global_zero:
+            return
+        from lit_adapter.adapters.io import save_adapter
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(self.model, out_dir)
+        for name in (TOKENIZER_FILE, CONFIG_FILE):
+            shutil.copyfile(self.base_dir / name, out_dir / name)
+        save_yaml({"checkpoint_dir": str(self.base_dir.resolve()), **self.run_figures()}, out_dir / "training.yaml")
+        self.exported_to = out_dir
+
+    def run_figures(self) -> dict[str, Any]:
+        groups = parameter_groups(self.model)
+        return {
+            "trainable_parameters": {name: sum(p.numel() for _, p in params) for name, params in groups.items()},
+            "optimizer_steps": int(self.global_step),
+            "tokens_per_second": round(self.tokens_per_second(), 1),
+            "peak_memory_gb": round(peak_memory_gb(self.device), 3),
+            "val_loss_before": self.initial_val_loss,
+            "val_loss_after": self.last_val_loss,
+        }
+
+    def summary(self) -> str:
+        figures = self.run_figures()
+        params = figures["trainable_parameters"]
+        lines = [
+            "training summary",
+            f"  trainable parameters: {sum(params.values()):,} "
+            f"({', '.join(f'{name} {count:,}' for name, count in params.items())})",
+            f"  optimizer steps: {figures['optimizer_steps']}",
+            f"  throughput: {figures['tokens_per_second']:,.0f} tokens/s",
+            f"  peak memory: {figures['peak_memory_gb']:.2f} GB",
+        ]
+        if figures["val_loss_before"] is not None or figures["val_loss_after"] is not None:
+            lines.append(f"  validation loss: {figures['val_loss_before']} -> {figures['val_loss_after']}")
+        exported = getattr(self, "exported_to", None)
+        lines.append(f"  adapter: {exported}" if exported else "  adapter: not exported")
+        return "\n".join(lines)

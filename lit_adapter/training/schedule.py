@@ -1,0 +1,54 @@
+"""Learning-rate schedule: linear warmup, then half-cosine decay, counted in OPTIMIZER steps.
+
+Counting in optimizer steps (not micro-batches) is what makes the peak reachable with gradient accumulation: with
+`accumulate_grad_batches=k`, a warmup of W steps spans W*k micro-batches, and the lr of the W-th update is the peak.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from lit_adapter.errors import LitAdapterError
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for the update with 0-based index `step`.
+
+    Update n = step + 1 (1-based) uses n / W of the peak during warmup (n <= W, so update W is exactly at the peak),
+    then min + (1 - min) * (1 + cos(pi * (n - W) / (T - W))) / 2, reaching `min_lr_ratio` at update T.
+    """
+    n = step + 1
+    if warmup_steps > 0 and n <= warmup_steps:
+        return n / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, (n - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_warmup_steps(
+    warmup_steps: Optional[int], warmup_epochs: Optional[float], steps_per_epoch: int, total_steps: int
+) -> int:
+    """Warmup length in optimizer steps, from a step count or a (fractional) number of epochs."""
+    if warmup_steps is not None and warmup_epochs is not None:
+        raise LitAdapterError("set either warmup_steps or warmup_epochs, not both")
+    if warmup_epochs is not None:
+        if warmup_epochs < 0:
+            raise LitAdapterError(f"warmup_epochs={warmup_epochs} must be >= 0")
+        warmup_steps = round(warmup_epochs * steps_per_epoch)
+    warmup_steps = warmup_steps or 0
+    if warmup_steps < 0:
+        raise LitAdapterError(f"warmup_steps={warmup_steps} must be >= 0")
+    return min(warmup_steps, total_steps)
+
+
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+    """A LambdaLR to be stepped once per optimizer step (Lightning's `interval: step`)."""
+    if total_steps <= 0:
+        raise LitAdapterError(f"the schedule needs a positive number of optimizer steps (got {total_steps})")
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, min_lr_ratio))
