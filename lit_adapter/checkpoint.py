@@ -128,10 +128,15 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
             )
 
 
-def load_config(checkpoint_dir: PathLike) -> ModelConfig:
+def require_checkpoint_dir(checkpoint_dir: PathLike) -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise LitAdapterError(f"{checkpoint_dir}: checkpoint folder not found; create one with `lit-adapter convert`")
+    return checkpoint_dir
+
+
+def load_config(checkpoint_dir: PathLike) -> ModelConfig:
+    checkpoint_dir = require_checkpoint_dir(checkpoint_dir)
     path = checkpoint_dir / CONFIG_FILE
     if not path.is_file():
         raise LitAdapterError(f"{path}: missing; is {checkpoint_dir} a folder written by `lit-adapter convert`?")
@@ -142,7 +147,7 @@ def load_config(checkpoint_dir: PathLike) -> ModelConfig:
 
 
 def tokenizer_path(checkpoint_dir: PathLike) -> Path:
-    path = Path(checkpoint_dir) / TOKENIZER_FILE
+    path = require_checkpoint_dir(checkpoint_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise LitAdapterError(f"{path}: tokenizer missing; convert again with `--tokenizer FILE`")
     return path

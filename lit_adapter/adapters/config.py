@@ -1,4 +1,4 @@
-"""AdapterConfig: one dataclass selects every LLaMA-Adapter mechanism (V1 prompts, V2 bias/scale, LoRA, visual fusion)."""
+"""AdapterConfig: one dataclass selects every LLaMA-Adapter mechanism (V1 prompts, V2 bias/scale, LoRA, visuals)."""
 
 from __future__ import annotations
 
@@ -109,9 +109,10 @@ class AdapterConfig:
         """Fail with one line if this adapter cannot attach to `model`."""
         n = model.n_layers
         _check(abs(self.adapter_layers) <= n, f"adapter_layers {self.adapter_layers} exceeds the {n} layers of "
-                                              f"{model.name}")
+                                              f"{model.name!r}; use at most {n} (-1 = all but the first layer)")
         if self.visual is not None and self.fusion == "early":
-            _check(self.visual_layers <= n, f"visual_layers {self.visual_layers} exceeds the {n} layers of {model.name}")
+            _check(self.visual_layers <= n,
+                   f"visual_layers {self.visual_layers} exceeds the {n} layers of {model.name!r}")
 
     def static_layers(self, n_layers: int) -> range:
         """The layer indices that get a static prompt."""

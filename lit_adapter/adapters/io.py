@@ -182,7 +182,7 @@ def _from_official_v1(state: Tensors, base: ModelConfig, adapter_len: int, path:
             mapper.gate(key, mapper.layer(key, match[1]), tensor, static)
         elif key != "adapter_query.weight":
             mapper.fail(key, "unexpected in an official V1 adapter file")
-    config = AdapterConfig.v1(adapter_len=adapter_len, adapter_layers=count, gate_activation="identity")
+    config = AdapterConfig.v1(adapter_len=adapter_len, adapter_layers=count, gate_activation="tanh")
     return AdapterFile(config, mapper.tensors, path, "official-v1", mapper.origin)
 
 
@@ -231,7 +231,7 @@ def _from_official_v2(
         bias_mode="official_7b" if any(k.endswith(".bias") and k.startswith("llama.") for k in state) else "none",
         train_norms=any(k.startswith("llama.") and k.endswith("norm.weight") for k in state),
         lora_rank=lora_rank,
-        prompt_kv_lora=False,
+        prompt_kv_lora=True,
         new_gate=new_gate,
         fusion="late",
         visual=(visual or _official_visual_config(state, path)) if has_visual else None,
@@ -406,7 +406,8 @@ def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig) -> t
             if b is not None:
                 remaining[f"llama.{stem}.bias"] = b
             if not fold_lora and parts["lora_l1"] is not None:
-                remaining[f"llama.{stem}.lora_l1"], remaining[f"llama.{stem}.lora_l2"] = parts["lora_l1"], parts["lora_l2"]
+                remaining[f"llama.{stem}.lora_l1"] = parts["lora_l1"]
+                remaining[f"llama.{stem}.lora_l2"] = parts["lora_l2"]
     for key in [k for k in tensors if k.startswith("llama.") and k.endswith("norm.weight")]:
         stem = key.removeprefix("llama.")
         merged[stem] = tensors.pop(key).to(weights[stem].dtype)

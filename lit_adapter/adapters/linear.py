@@ -99,7 +99,8 @@ class AdaptedLinear(nn.Linear):
         )
 
     def extra_repr(self) -> str:
-        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bias={self.bias is not None}"]
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
+        parts.append(f"bias={self.bias is not None}")
         if self.scale_side:
             parts.append(f"scale={self.scale_side}")
         if self.lora_rank:

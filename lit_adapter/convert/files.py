@@ -7,6 +7,7 @@ so the resident part of the source never grows past one chunk while the converte
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,10 @@ class WeightsFile:
                 tensors.clear()
 
     def _torch_load(self) -> dict[str, torch.Tensor]:
+        if not zipfile.is_zipfile(self.path):  # torch.load's own error for a cut-off archive says nothing useful
+            raise LitAdapterError(
+                f"{self.path}: not a readable torch checkpoint (truncated or corrupt, or torch's pre-1.6 format)"
+            )
         try:
             tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:  # truncated zip, not a torch file, unsafe pickle, ...

@@ -8,7 +8,6 @@ cache (and builds it if `prepare_data` was not called).
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from lit_adapter.data.demo import builtin_files, cache_root, is_builtin
 from lit_adapter.data.encoding import (
     EncodedSamples,
     LengthGroupedSampler,
@@ -36,13 +36,12 @@ from lit_adapter.tokenizer import Tokenizer
 PROGRESS_MIN_RECORDS = 2000
 
 
-def cache_root() -> Path:
-    """The project's cache folder: $LIT_ADAPTER_CACHE, else ~/.cache/lit-adapter."""
-    root = os.environ.get("LIT_ADAPTER_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "lit-adapter"
-
-
 class TokenizedDataModule(LightningDataModule):
+    """A LightningDataModule over tokenised samples; subclasses say what to read and how to encode it."""
+
+    # which built-in demo set data_path="builtin:demo" means ("instruction" or "caption")
+    builtin_kind = "instruction"
+
     def __init__(
         self,
         data_path: Union[str, Path],
@@ -59,6 +58,7 @@ class TokenizedDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.data_path = str(data_path)
+        self.is_builtin = is_builtin(self.data_path)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self.prompt_style = get_prompt_style(prompt_style)
         if max_seq_length < 2:
@@ -83,11 +83,14 @@ class TokenizedDataModule(LightningDataModule):
 
     def sources(self) -> list[str]:
         """The roles to read: ["all"] (split with val_split) or ["train"] / ["train", "val"]."""
-        raise NotImplementedError
+        return ["train", "val"] if self.is_builtin else ["all"]
 
     def source_files(self, role: str) -> list[Path]:
         """The files whose content defines the role's samples (hashed into the cache key); the first names it."""
-        raise NotImplementedError
+        if self.is_builtin:
+            train, val = builtin_files(self.builtin_kind)
+            return [train if role == "train" else val]
+        return [Path(self.data_path)]
 
     def source_settings(self, role: str) -> dict:
         """Settings besides the files that change the role's samples."""

@@ -8,13 +8,12 @@ unreadable -> error, or skip and count), so a bad file never stops training half
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
 from tqdm import tqdm
 
 from lit_adapter.data.base import PROGRESS_MIN_RECORDS, TokenizedDataModule
-from lit_adapter.data.demo import resolve_builtin
 from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, encode_segments
 from lit_adapter.data.records import (
     BadRecord,
@@ -56,6 +55,8 @@ class CaptionDataModule(TokenizedDataModule):
         cache_dir: where tokenised data is cached
     """
 
+    builtin_kind = "caption"
+
     def __init__(
         self,
         data_path: str,
@@ -70,7 +71,7 @@ class CaptionDataModule(TokenizedDataModule):
         seed: int = 42,
         num_workers: int = 0,
         group_by_length: bool = False,
-        on_bad_record: str = "error",
+        on_bad_record: Literal["error", "skip"] = "error",
         cache_dir: Optional[Path] = None,
     ) -> None:
         super().__init__(
@@ -80,15 +81,6 @@ class CaptionDataModule(TokenizedDataModule):
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.clip_model = clip_model
         self.image_size = image_size
-        self.builtin = resolve_builtin(self.data_path, "caption")
-
-    def sources(self) -> list[str]:
-        return ["train", "val"] if self.builtin else ["all"]
-
-    def source_files(self, role: str) -> list[Path]:
-        if self.builtin:
-            return [self.builtin[0] if role == "train" else self.builtin[1]]
-        return [Path(self.data_path)]
 
     def source_settings(self, role: str) -> dict:
         # image paths are stored resolved, so the folders they were resolved against are part of the key

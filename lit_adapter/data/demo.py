@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from lit_adapter.data.base import cache_root
 from lit_adapter.errors import LitAdapterError
 
 BUILTIN_DEMO = "builtin:demo"
+BUILTIN_PREFIX = "builtin:"
 DEMO_VERSION = "v1"
 SEED = 1234
 
@@ -175,6 +175,12 @@ def caption_examples() -> tuple[list[dict], list[dict]]:
 # ---- files ----
 
 
+def cache_root() -> Path:
+    """The project's cache folder: $LIT_ADAPTER_CACHE, else ~/.cache/lit-adapter."""
+    root = os.environ.get("LIT_ADAPTER_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lit-adapter"
+
+
 def demo_dir(root: Optional[Path] = None) -> Path:
     """The demo data folder, generated on first use."""
     folder = (Path(root) if root is not None else cache_root() / "demo") / DEMO_VERSION
@@ -193,12 +199,17 @@ def demo_caption_files(root: Optional[Path] = None) -> tuple[Path, Path]:
     return folder / CAPTIONS_TRAIN, folder / CAPTIONS_VAL
 
 
-def resolve_builtin(data_path: str, kind: str) -> Optional[tuple[Path, Path]]:
-    """(train, val) files for `builtin:demo`; None for an ordinary path; an error for an unknown builtin name."""
-    if not data_path.startswith("builtin:"):
-        return None
+def is_builtin(data_path: str) -> bool:
+    """Whether `data_path` names built-in data; an unknown built-in name is an error."""
+    if not data_path.startswith(BUILTIN_PREFIX):
+        return False
     if data_path != BUILTIN_DEMO:
         raise LitAdapterError(f"unknown built-in data {data_path!r}; the built-in data set is {BUILTIN_DEMO!r}")
+    return True
+
+
+def builtin_files(kind: str) -> tuple[Path, Path]:
+    """(train, val) files of the built-in demo set of this kind ("instruction" or "caption")."""
     return demo_instruction_files() if kind == "instruction" else demo_caption_files()
 
 
@@ -207,6 +218,7 @@ def _generate_into(folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         _write_demo(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the data is not
         os.rename(tmp, folder)
     except OSError:
         if not folder.is_dir():  # not a lost race with another process writing the same data

@@ -8,12 +8,11 @@ the `chat` style, with the loss on every assistant turn). A JSON list or a JSON 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from tqdm import tqdm
 
 from lit_adapter.data.base import PROGRESS_MIN_RECORDS, TokenizedDataModule
-from lit_adapter.data.demo import resolve_builtin
 from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, encode_segments
 from lit_adapter.data.prompts import CHAT, PromptStyle, Segment, Turn
 from lit_adapter.data.records import (
@@ -60,22 +59,13 @@ class InstructionDataModule(TokenizedDataModule):
         seed: int = 42,
         num_workers: int = 0,
         group_by_length: bool = False,
-        on_bad_record: str = "error",
+        on_bad_record: Literal["error", "skip"] = "error",
         cache_dir: Optional[Path] = None,
     ) -> None:
         super().__init__(
             data_path, tokenizer_path, prompt_style, max_seq_length, batch_size, val_split, seed, num_workers,
             group_by_length, on_bad_record, cache_dir,
         )  # fmt: skip
-        self.builtin = resolve_builtin(self.data_path, "instruction")
-
-    def sources(self) -> list[str]:
-        return ["train", "val"] if self.builtin else ["all"]
-
-    def source_files(self, role: str) -> list[Path]:
-        if self.builtin:
-            return [self.builtin[0] if role == "train" else self.builtin[1]]
-        return [Path(self.data_path)]
 
     def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
         path = self.source_files(role)[0]

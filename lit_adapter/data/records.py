@@ -125,7 +125,7 @@ def load_json(path: Path) -> Any:
     """A whole JSON file. Bytes that are not UTF-8 are kept as lone surrogates so that the record holding them can
     be named later (see `string_field`)."""
     try:
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     except OSError as err:
         raise LitAdapterError(f"{path}: cannot read ({err.strerror})") from None
     try:
@@ -139,6 +139,7 @@ def _read_json_lines(path: Path) -> Iterator[RawRecord]:
         lines = path.read_bytes().split(b"\n")
     except OSError as err:
         raise LitAdapterError(f"{path}: cannot read ({err.strerror})") from None
+    lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
     index = 0
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():

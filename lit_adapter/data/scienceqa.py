@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -177,12 +177,11 @@ class ScienceQADataset(Dataset):
         captions: Optional[dict[str, str]] = None,
         image_dir: Optional[Path] = None,
         transform: Optional[Callable] = None,
-        image_size: int = 224,
     ) -> None:
         report = RecordReport("problems")
         encoded = encode_problems(problems, tokenizer, get_prompt_style(prompt_style), max_seq_length, report,
                                   captions, image_dir)  # fmt: skip
-        loader = ProblemImageLoader(encoded.extras["image"], transform, image_size) if transform else None
+        loader = ProblemImageLoader(encoded.extras["image"], transform) if transform else None
         self.report = report
         self.inner = TokenizedDataset(encoded, range(len(encoded)), loader)
 
@@ -220,19 +219,23 @@ def encode_problems(
 
 
 class ProblemImageLoader:
-    """Sample i's transformed image, or zeros for a problem without one; `has_image` tells which."""
+    """Sample i's transformed image, or zeros (of the transform's output shape) for a problem without one;
+    `has_image` tells which."""
 
-    def __init__(self, paths: list[str], transform: Callable, image_size: int) -> None:
+    def __init__(self, paths: list[str], transform: Callable) -> None:
         self.paths = paths
         self.transform = transform
-        self.image_size = image_size
+        self.blank: Optional[torch.Tensor] = None
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         path = self.paths[index]
-        if not path:
-            blank = torch.zeros(3, self.image_size, self.image_size)
-            return {"image": blank, "has_image": torch.tensor(False)}
-        return {"image": load_image(Path(path), self.transform), "has_image": torch.tensor(True)}
+        if path:
+            return {"image": load_image(Path(path), self.transform), "has_image": torch.tensor(True)}
+        if self.blank is None:
+            from PIL import Image
+
+            self.blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
+        return {"image": self.blank, "has_image": torch.tensor(False)}
 
 
 class ScienceQADataModule(TokenizedDataModule):
@@ -274,13 +277,14 @@ class ScienceQADataModule(TokenizedDataModule):
         seed: int = 42,
         num_workers: int = 0,
         group_by_length: bool = False,
-        on_bad_record: str = "error",
+        on_bad_record: Literal["error", "skip"] = "error",
         cache_dir: Optional[Path] = None,
     ) -> None:
         super().__init__(
             data_dir, tokenizer_path, prompt_style, max_seq_length, batch_size, 0, seed, num_workers,
             group_by_length, on_bad_record, cache_dir,
         )  # fmt: skip
+        self.val_split = val_split
         self.data_dir = Path(data_dir)
         self.splits = {"train": train_split, **({"val": val_split} if val_split else {})}
         self.captions_path = Path(captions) if captions is not None else None
@@ -312,7 +316,6 @@ class ScienceQADataModule(TokenizedDataModule):
     def extras_loader(self, encoded: EncodedSamples, train: bool) -> Optional[Callable[[int], dict]]:
         if self.image_dir is None:
             return None
-        from lit_adapter.adapters.visual import clip_image_size, image_transform
+        from lit_adapter.adapters.visual import image_transform
 
-        size = self.image_size or clip_image_size(self.clip_model)
-        return ProblemImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, size), size)
+        return ProblemImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, self.image_size))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -45,8 +46,8 @@ def scienceqa(
         adapter: an adapter file or folder (`adapter.safetensors` + `adapter_config.yaml`, or an official one);
             without it the base model answers.
         captions: a captions JSON (`{"captions": {pid: text}}`, as in the official release) added to the context.
-        images: the problem images, `DIR/<pid>/image.png` (the official `images/<split>` folder); needs an adapter
-            with a visual encoder.
+        images: the problem images: the official `images` folder (`<split>/<pid>/image.png`) or one split's
+            folder (`<pid>/image.png`); needs an adapter with a visual encoder.
         limit: evaluate only the first N problems of the split.
         batch_size: problems answered together.
         output: the folder for `predictions.jsonl` and `metrics.json` (default out/eval/scienceqa_<split>_<mode>).
@@ -65,12 +66,15 @@ def scienceqa(
         raise LitAdapterError(f"--limit must be at least 1 (got {limit})")
     if batch_size < 1:
         raise LitAdapterError(f"--batch_size must be at least 1 (got {batch_size})")
+    if not Path(data_dir).is_dir():
+        raise LitAdapterError(f"{data_dir}: ScienceQA folder not found (it holds problems.json and pid_splits.json)")
     problems = load_problems(data_dir, split)[:limit]
     if outputs_file is not None:
         output = output or Path("out") / "eval" / f"scienceqa_{split}_outputs"
         records = records_from_outputs(outputs_file, problems)
-        PredictionLog(output).rewrite(records)
         settings = {"split": split, "outputs_file": str(outputs_file)}
+        check_settings(output, settings)  # never overwrite a model run's predictions
+        PredictionLog(output).rewrite(records)
     else:
         if checkpoint_dir is None:
             raise LitAdapterError("--checkpoint_dir is required (or score existing outputs with --outputs_file)")
@@ -148,4 +152,5 @@ def eval_main(argv: list[str]) -> None:
     try:
         CLI(BENCHMARKS, args=argv, prog="lit-adapter eval", as_positional=False, exit_on_error=False)
     except argparse.ArgumentError as err:
-        raise LitAdapterError(" ".join(str(err).split())) from None
+        message = re.sub(r"a typing\.Literal\[(.*?)\]", r"one of \1", " ".join(str(err).split()))
+        raise LitAdapterError(message) from None

@@ -78,6 +78,12 @@ class ScienceQAPredictor:
         parts = [[p for p in problems if p.image], [p for p in problems if not p.image]]
         return [part for part in parts if part]
 
+    @staticmethod
+    def in_order(problems: Sequence[ScienceQAProblem], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records in the order of `problems` (the image/no-image split reorders them)."""
+        by_pid = {record["pid"]: record for record in records}
+        return [by_pid[problem.pid] for problem in problems]
+
     def visual_tokens(self, part: Sequence[ScienceQAProblem]) -> Optional[torch.Tensor]:
         if self.images is None or not part[0].image:
             return None
@@ -98,11 +104,11 @@ class ScienceQAPredictor:
                 self.model.llama, prompts, max_new_tokens, eos_id=self.tokenizer.eos_id,
                 prefix_input=self.visual_tokens(part), should_stop=self.reached_stop_sequence,
             )
-            for problem, tokens, cut in zip(part, outputs, truncated):
+            for problem, tokens, cut in zip(part, outputs, truncated, strict=True):
                 text, _ = cut_at_stop(self.tokenizer.decode(tokens), self.style.stop_sequences)
                 choice = parse_answer(text, len(problem.choices))
                 records.append(prediction_record(problem.pid, text, choice, problem.answer, truncated=cut))
-        return records
+        return self.in_order(problems, records)
 
     def reached_stop_sequence(self, row: int, tokens: list[int]) -> bool:
         return bool(self.style.stop_sequences) and cut_at_stop(self.tokenizer.decode(tokens),
@@ -123,13 +129,13 @@ class ScienceQAPredictor:
                 truncated.append(cut)
             scores = self.sequence_scores(rows, spans, owners, self.visual_tokens(part))
             for index, problem in enumerate(part):
-                option_scores = [score for score, owner in zip(scores, owners) if owner == index]
+                option_scores = [score for score, owner in zip(scores, owners, strict=True) if owner == index]
                 choice = max(range(len(option_scores)), key=option_scores.__getitem__)
                 records.append(prediction_record(
                     problem.pid, f"The answer is ({OPTION_LETTERS[choice]}).", choice, problem.answer,
                     scores=[round(score, 4) for score in option_scores], truncated=truncated[index],
                 ))
-        return records
+        return self.in_order(problems, records)
 
     def candidate_ids(self, problem: ScienceQAProblem) -> tuple[list[list[int]], list[tuple[int, int]], bool]:
         """For each option, the training sample's token ids with that option as the answer, and the span [start,
@@ -157,7 +163,7 @@ class ScienceQAPredictor:
         width = max(len(ids) for ids in rows)
         tokens = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         scored = torch.zeros(len(rows), width - 1, dtype=torch.bool, device=self.device)
-        for row, (ids, (start, end)) in enumerate(zip(rows, spans)):
+        for row, (ids, (start, end)) in enumerate(zip(rows, spans, strict=True)):
             tokens[row, : len(ids)] = torch.tensor(ids, device=self.device)
             scored[row, start - 1: end - 1] = True  # the logits at t predict token t + 1
         prefix = None if visual is None else visual[torch.tensor(owners, device=self.device)]

@@ -85,7 +85,9 @@ class PredictionLog:
                 if number == len(lines):  # the unterminated last line
                     self._truncate(len(text[: len(text) - len(line)].encode("utf-8")))
                     break
-                raise LitAdapterError(f"{self.path}: line {number} is not valid JSON; remove the line or the file")
+                raise LitAdapterError(
+                    f"{self.path}: line {number} is not valid JSON; remove the line or the file"
+                ) from None
             if not isinstance(record, dict) or "pid" not in record:
                 raise LitAdapterError(f"{self.path}: line {number} is not a prediction record (no 'pid')")
             records[str(record["pid"])] = record

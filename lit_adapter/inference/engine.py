@@ -96,10 +96,18 @@ class Completion:
 class Engine:
     """Generation with a base model (`adapter_model` None) or an adapter model; `llama` is the model that runs."""
 
-    def __init__(self, llama: LLaMA, tokenizer: Tokenizer, style: PromptStyle, adapter_model=None) -> None:
+    def __init__(
+        self,
+        llama: LLaMA,
+        tokenizer: Tokenizer,
+        style: PromptStyle,
+        adapter_model=None,
+        adapter_style: Optional[PromptStyle] = None,
+    ) -> None:
         self.llama = llama
         self.tokenizer = tokenizer
         self.style = style
+        self.adapter_style = adapter_style or style  # the adapter's own template, e.g. for its captions
         self.adapter_model = adapter_model
         self.device = llama.output.weight.device
         self.dtype = llama.output.weight.dtype
@@ -127,8 +135,9 @@ class Engine:
         adapter_model.eval()
         if merge:
             merge_for_inference(adapter_model)
-        style = get_prompt_style(prompt_style or getattr(adapter_config, "prompt_style", None) or "alpaca")
-        return cls(adapter_model.llama, tokenizer, style, adapter_model)
+        adapter_style = get_prompt_style(adapter_config.prompt_style or "alpaca")
+        style = get_prompt_style(prompt_style) if prompt_style else adapter_style
+        return cls(adapter_model.llama, tokenizer, style, adapter_model, adapter_style)
 
     @property
     def multimodal(self) -> bool:
@@ -203,9 +212,9 @@ class Engine:
         return completion
 
     def caption(self, image: Path, instruction: str, max_new_tokens: int = 64) -> str:
-        """Greedy answer to `instruction` about `image` (the self-caption expert)."""
-        ids = self.encode(self.format(instruction))
-        decoding = Decoding(max_new_tokens=max_new_tokens, stop=self.style.stop_sequences)
+        """Greedy answer to `instruction` about `image` in the adapter's own template (the self-caption expert)."""
+        ids = self.encode(self.adapter_style.apply(instruction))
+        decoding = Decoding(max_new_tokens=max_new_tokens, stop=self.adapter_style.stop_sequences)
         return self.complete(ids, decoding, prefix_input=self.visual_tokens([image])).text
 
 

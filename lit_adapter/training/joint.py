@@ -9,10 +9,15 @@ exactly the number of batches trained on.
 Batches of one source come in blocks of `accumulate_grad_batches` micro-batches so that an optimizer step only ever
 accumulates gradients of one source: each step then updates exactly one parameter group (see `LitAdapterModule`).
 Every batch carries its source name under `"source"`.
+
+Random augmentation (e.g. the caption images' random crops) is a function of (seed, source, epoch, position): each
+sample is loaded under its own torch seed, so a resumed run, or one with a different number of workers, sees the very
+same crops.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -45,15 +50,37 @@ class Source:
         generator = torch.Generator().manual_seed(seed + epoch)
         return torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
 
-    def batches(self, seed: int, epoch: int, rank: int, world_size: int) -> list[list[int]]:
-        """This rank's full batches of the epoch (the remainder that does not fill a batch on every rank is dropped)."""
-        order = self.order(seed, epoch)
+    def batches(self, seed: int, epoch: int, rank: int, world_size: int) -> list[list[tuple[int, int]]]:
+        """This rank's full batches of the epoch as (index, sample seed) pairs (the remainder that does not fill a
+        batch on every rank is dropped)."""
+        order = [(index, sample_seed(seed, self.name, epoch, i)) for i, index in enumerate(self.order(seed, epoch))]
         per_rank = len(order) // world_size
         shard = order[rank * per_rank : (rank + 1) * per_rank] if world_size > 1 else order
         return [shard[i : i + self.batch_size] for i in range(0, len(shard) - self.batch_size + 1, self.batch_size)]
 
     def num_batches(self, world_size: int) -> int:
         return (len(self.dataset) // world_size) // self.batch_size  # type: ignore[arg-type]
+
+
+def sample_seed(seed: int, source: str, epoch: int, position: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{source}:{epoch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSamples(Dataset):
+    """Items are (index, seed): the sample at `index`, loaded with torch's RNG seeded by `seed` (then restored)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def source_pattern(steps: dict[str, int], block: int) -> list[str]:
@@ -104,8 +131,8 @@ class ResumableLoader:
         )
         return cycles * len(self.pattern)
 
-    def schedule(self, epoch: int) -> list[tuple[str, list[int]]]:
-        """The epoch's micro-batches in order: (source name, dataset indices)."""
+    def schedule(self, epoch: int) -> list[tuple[str, list[tuple[int, int]]]]:
+        """The epoch's micro-batches in order: (source name, [(dataset index, sample seed), ...])."""
         batches = {name: s.batches(self.seed, epoch, self.rank, self.world_size) for name, s in self.sources.items()}
         taken = {name: 0 for name in self.sources}
         plan = []
@@ -122,21 +149,21 @@ class ResumableLoader:
         iterators = {name: iter(self._loader(name, [ids for n, ids in plan if n == name])) for name in self.sources}
         return self._batches(plan, iterators)
 
-    def _batches(self, plan: list[tuple[str, list[int]]], iterators: dict[str, Iterator]) -> Iterator[dict[str, Any]]:
+    def _batches(self, plan: list[tuple[str, list[tuple[int, int]]]], iterators: dict[str, Iterator]) -> Iterator[dict[str, Any]]:
         for name, _ in plan:
             batch = next(iterators[name])
             self.consumed += 1
             yield {**batch, SOURCE_KEY: name}
         self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _loader(self, name: str, batches: list[list[int]]) -> DataLoader:
+    def _loader(self, name: str, batches: list[list[tuple[int, int]]]) -> DataLoader:
         source = self.sources[name]
         return DataLoader(
-            source.dataset,
+            SeededSamples(source.dataset),
             batch_sampler=batches,
             collate_fn=source.collate_fn,
             num_workers=source.num_workers,
-            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds without touching the global RNG
         )
 
     def state_dict(self) -> dict[str, int]:

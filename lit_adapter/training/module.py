@@ -33,7 +33,7 @@ from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_mode
 from lit_adapter.adapters.groups import parameter_groups
 from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, load_model, save_yaml, tokenizer_path
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import Block
+from lit_adapter.model import Block, RMSNorm
 from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
 from lit_adapter.training.schedule import resolve_warmup_steps, warmup_cosine
 
@@ -75,6 +75,18 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _output_in_input_dtype(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(inputs[0].dtype)
+
+
+def keep_norm_outputs_in_input_dtype(model: torch.nn.Module) -> None:
+    """RMSNorm multiplies by its weight without casting it, so a float32 trained norm would turn bf16 activations
+    into float32 (and the next frozen bf16 linear would fail): cast such a norm's output back to its input's dtype."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm) and module.weight.requires_grad:
+            module.register_forward_hook(_output_in_input_dtype)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -164,6 +176,8 @@ class LitAdapterModule(LightningModule):
         if self.hparams.init_adapter:
             self._load_initial_adapter(self.hparams.init_adapter)
         self._apply_trainable_patterns()
+        self._trainable_to_float32()
+        keep_norm_outputs_in_input_dtype(model)
         if self.hparams.activation_checkpointing and not self._sharded():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -197,6 +211,12 @@ class LitAdapterModule(LightningModule):
         assert self.model is not None
         return [STATE_PREFIX + clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def _trainable_to_float32(self) -> None:
+        """Trainable weights taken from the base (e.g. trained norms) were loaded in the frozen dtype."""
+        for param in self.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+
     def to(self, *args: Any, **kwargs: Any) -> LitAdapterModule:
         """Move/cast as nn.Module does, but keep trainable parameters in float32 (see the module docstring)."""
         keep = {p: p.data for p in self.parameters() if p.requires_grad and p.dtype == torch.float32}
@@ -204,6 +224,7 @@ class LitAdapterModule(LightningModule):
         for param, data in keep.items():
             if param.dtype != torch.float32:
                 param.data = data.to(param.device)
+        self._trainable_to_float32()
         return self
 
     def forward(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -19,15 +19,13 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     """Multiplier of the peak lr for the update with 0-based index `step`.
 
     Update n = step + 1 (1-based) uses n / W of the peak during warmup (n <= W, so update W is exactly at the peak),
-    then min + (1 - min) * (1 + cos(pi * (n - W) / (T - W))) / 2, reaching `min_lr_ratio` at update T.
+    then min + (1 - min) * (1 + cos(pi * (n - W) / (T - W + 1))) / 2: the decay would reach `min_lr_ratio` one
+    update after the last, so neither the first nor the last of the T updates is wasted at a zero lr.
     """
     n = step + 1
     if warmup_steps > 0 and n <= warmup_steps:
         return n / warmup_steps
-    decay_steps = total_steps - warmup_steps
-    if decay_steps <= 0:
-        return 1.0
-    progress = min(1.0, (n - warmup_steps) / decay_steps)
+    progress = min(1.0, (n - warmup_steps) / max(1, total_steps - warmup_steps + 1))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -1,4 +1,4 @@
-"""Core tests run torch on one thread: their models are tiny, and on a shared machine threads only wait for each other."""
+"""Core tests run torch on one thread: the models are tiny, and on a shared machine threads mostly wait."""
 
 from __future__ import annotations
 

@@ -19,9 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def run_cli(*args: str, stdin: Optional[str] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, stdin: Optional[str] = None, env: Optional[dict[str, str]] = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`python -m lit_adapter.cli ARGS` in a fresh process (one thread: the tiny models run faster that way)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lit_adapter.cli", *map(str, args)], input=stdin, capture_output=True, text=True,
         env=env, timeout=timeout,

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-5
 
 
-def random_llama_config(kind: str, seed: int) -> "transformers.LlamaConfig":
+def random_llama_config(kind: str, seed: int) -> transformers.LlamaConfig:
     """A random tiny LlamaConfig: `mha` (kv heads = heads), `gqa` (2 query heads per kv head) or `mqa` (1 kv head)."""
     rng = random.Random(seed)
     n_heads = rng.choice([4, 8])

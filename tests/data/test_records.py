@@ -95,6 +95,13 @@ def test_invalid_utf8_names_the_record_and_field(tmp_path, tok_path, suffix):
     assert dict(module.reports["all"].skipped) == {"invalid UTF-8 in field 'output'": 1}
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_byte_order_mark_is_accepted(tmp_path, tok_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps([GOOD]) if suffix == ".json" else json.dumps(GOOD)).encode())
+    assert prepare(path, tok_path, tmp_path).reports["all"].kept == 1
+
+
 def test_summary_line_on_real_alpaca_records(assets, tmp_path, tok_path, capsys):
     records = json.loads((assets / "alpaca" / "alpaca_data_200.json").read_text())
     records[5]["output"] = ""

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter.adapters.visual import TINY_CLIP_MODEL
-from lit_adapter.data.encoding import IGNORE_INDEX
+from lit_adapter.adapters.visual import TINY_CLIP_MODEL, image_transform
+from lit_adapter.data.encoding import IGNORE_INDEX, collate
 from lit_adapter.data.prompts import ALPACA
 from lit_adapter.data.scienceqa import (
     ScienceQADataModule,
@@ -17,6 +17,7 @@ from lit_adapter.data.scienceqa import (
     load_problems,
     target_text,
 )
+from lit_adapter.errors import LitAdapterError
 from tests.data.conftest import write_image
 
 
@@ -46,7 +47,8 @@ def test_splits_and_problem_fields(sqa, raw_problems):
         for problem in problems:
             raw = raw_problems[problem.pid]
             assert raw["split"] == name == problem.split
-            assert (problem.question, problem.choices, problem.answer) == (raw["question"], raw["choices"], raw["answer"])
+            assert (problem.question, problem.choices) == (raw["question"], raw["choices"])
+            assert problem.answer == raw["answer"] and problem.hint == raw["hint"]
             assert problem.subject in ("natural science", "social science", "language science")
             assert problem.grade == raw["grade"] and 1 <= problem.grade_number <= 12
 
@@ -110,21 +112,25 @@ def test_training_module_with_images(sqa, tok_path, tmp_path):
                                  batch_size=50)  # fmt: skip
     module.setup()
     assert module.val_dataset is None and module.val_dataloader() == []
-    batch = next(iter(torch.utils.data.DataLoader(module.train_dataset, batch_size=50, collate_fn=_collate)))
+    batch = next(iter(torch.utils.data.DataLoader(module.train_dataset, batch_size=50, collate_fn=collate)))
     assert batch["images"].shape == (50, 3, 32, 32)
     assert batch["has_image"].tolist() == [bool(p.image) for p in problems]
     assert (batch["images"][~batch["has_image"]] == 0).all()
     assert batch["images"][batch["has_image"]].abs().sum() > 0
 
 
-def test_plain_dataset(sqa, tokenizer):
-    dataset = ScienceQADataset(load_problems(sqa, "val"), tokenizer, max_seq_length=2048)
-    assert len(dataset) == 50 and dataset.report.kept == 50
+def test_plain_dataset(sqa, tokenizer, tmp_path):
+    problems = load_problems(sqa, "val")
+    with_image = next(i for i, p in enumerate(problems) if p.image)
+    without = next(i for i, p in enumerate(problems) if not p.image)
+    write_image(tmp_path / "val" / problems[with_image].pid / "image.png")  # only this one image exists
+    with pytest.raises(LitAdapterError, match="problem .*: field 'image': image file .* not found"):
+        ScienceQADataset(problems, tokenizer, max_seq_length=2048, image_dir=tmp_path)
+    transform = image_transform(TINY_CLIP_MODEL, train=False, image_size=40)
+    dataset = ScienceQADataset([problems[with_image], problems[without]], tokenizer, max_seq_length=2048,
+                               image_dir=tmp_path, transform=transform)  # fmt: skip
+    assert len(dataset) == 2 and dataset.report.kept == 2
     labels = dataset[0]["labels"]
-    assert tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()[:-1]).startswith("The answer is (")
-
-
-def _collate(samples):
-    from lit_adapter.data.encoding import collate
-
-    return collate(samples)
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()[:-1]) == target_text(problems[with_image])
+    assert dataset[0]["has_image"] and dataset[0]["image"].shape == (3, 40, 40)
+    assert not dataset[1]["has_image"] and dataset[1]["image"].shape == (3, 40, 40) and not dataset[1]["image"].any()

@@ -100,7 +100,7 @@ def test_bad_split_is_one_line(tmp_path: Path, capsys) -> None:
     data = write_data(tmp_path / "data")
     err = run_error(["eval", "scienceqa", "--data_dir", str(data), "--split", "tset",
                      "--outputs_file", str(write_outputs(tmp_path / "o.json"))], capsys)
-    assert err.startswith("error:") and "split" in err and "tset" in err
+    assert err.startswith("error:") and "split" in err and "tset" in err and "'minitest'" in err
 
 
 def test_split_missing_from_the_data_is_one_line(tmp_path: Path, capsys) -> None:
@@ -113,7 +113,8 @@ def test_split_missing_from_the_data_is_one_line(tmp_path: Path, capsys) -> None
 def test_missing_data_dir_is_one_line(tmp_path: Path, capsys) -> None:
     err = run_error(["eval", "scienceqa", "--data_dir", str(tmp_path / "nowhere"),
                      "--outputs_file", str(write_outputs(tmp_path / "o.json"))], capsys)
-    assert "nowhere" in err and "problems.json" in err
+    assert err == f"error: {tmp_path / 'nowhere'}: ScienceQA folder not found (it holds problems.json and " \
+                  "pid_splits.json)"
 
 
 def test_missing_required_arguments_are_one_line(tmp_path: Path, capsys) -> None:

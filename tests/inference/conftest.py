@@ -67,3 +67,12 @@ def write_image(path: Path, color: tuple[int, int, int], size: int = 40) -> Path
 @pytest.fixture
 def tokenizer(stories260k_dir: Path) -> Tokenizer:
     return Tokenizer(tokenizer_path(stories260k_dir))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """stories260K's matrices are tiny: one thread decodes fastest, and does not fight other processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

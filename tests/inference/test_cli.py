@@ -19,7 +19,7 @@ from lit_adapter.inference import engine as engine_module
 from lit_adapter.inference.cli import normalize_argv
 from lit_adapter.inference.engine import merge_for_inference
 from lit_adapter.inference.generate import generate_tokens
-from tests.inference.conftest import text_adapter, write_image
+from tests.inference.conftest import text_adapter, visual_adapter, write_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,3 +196,56 @@ def decode(checkpoint_dir: Path, ids: list[int]) -> str:
     from lit_adapter.tokenizer import Tokenizer
 
     return Tokenizer(checkpoint_dir / "tokenizer.model").decode(ids)
+
+
+def test_multimodal_adapter_file_single_and_batch(stories260k_dir, tmp_path, capsys):
+    """A saved V2 multimodal adapter: --image reaches the model; image and text records batch apart, same results.
+
+    The tiny test CLIP tower has no pretrained weights (random init at load), so every load is seeded alike."""
+    adapter = tmp_path / "visual_adapter"
+    save_adapter(visual_adapter(load_model(stories260k_dir)), adapter)
+    red, blue = write_image(tmp_path / "red.png", (220, 0, 0)), write_image(tmp_path / "blue.png", (0, 0, 220))
+    common = ["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(adapter), "--temperature", "0",
+              "--max_new_tokens", "15"]
+
+    def single(prompt: str, image=None) -> str:
+        torch.manual_seed(0)
+        return run_json([*common, "--prompt", prompt, *(["--image", str(image)] if image else [])], capsys)["text"]
+
+    records = [("Describe the image.", red), ("Describe the image.", blue), ("Tell me a story", None),
+               ("What colour is it?", red)]
+    expected = [single(prompt, image) for prompt, image in records]
+    assert expected[0] != expected[1]  # the pixels matter
+    prompts_file = tmp_path / "in.jsonl"
+    prompts_file.write_text("".join(
+        json.dumps({"prompt": p, **({"image": i.name} if i else {})}) + "\n" for p, i in records
+    ))
+    torch.manual_seed(0)
+    code, _, err = run([*common, "--prompts_file", str(prompts_file), "--output_file", str(tmp_path / "out.jsonl")],
+                       capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == expected
+
+
+def test_official_v1_file(stories260k_dir, tmp_path, capsys):
+    """The released V1 layout (flat adapter_query [L*K, dim] + per-layer raw gates) through load_adapter_model."""
+    from lit_adapter.adapters import AdapterConfig, build_adapter_model
+
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(3 * 10, 64, generator=generator)
+    gates = {i: torch.rand(1, 8, 1, 1, generator=generator) for i in range(5)}
+    official = tmp_path / "adapter_v1.pth"
+    torch.save({"adapter_query.weight": query, **{f"layers.{i}.attention.gate": g for i, g in gates.items()}}, official)
+    record = run_json(["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(official), "--prompt",
+                       "Tell me a story", "--temperature", "0", "--max_new_tokens", "20"], capsys)
+
+    reference = build_adapter_model(load_model(stories260k_dir), AdapterConfig.v1(adapter_layers=3,
+                                                                                  gate_activation="identity"))
+    with torch.no_grad():
+        for j, layer in enumerate(range(2, 5)):  # block j of adapter_query is the prompt of layer N-L+j
+            reference.llama.layers[layer].attention.prefix.prompt.copy_(query[10 * j : 10 * (j + 1)])
+            reference.llama.layers[layer].attention.prefix.gate.copy_(gates[layer])
+    ids = load_tokenizer_ids(stories260k_dir, get_prompt_style("alpaca").apply("Tell me a story"))
+    expected = decode(stories260k_dir, list(generate_tokens(reference.llama, torch.tensor(ids), 20, eos_id=2)))
+    assert record["prompt_tokens"] == len(ids) and record["text"] == expected

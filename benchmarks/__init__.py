@@ -1,0 +1,1 @@
+"""Benchmarks: lit-adapter side by side with Hugging Face transformers + PEFT (run as `python -m benchmarks.<name>`)."""

@@ -1,0 +1,214 @@
+"""What every benchmark shares: one child process per measured configuration, memory probes, tables, JSON.
+
+A benchmark script runs in two roles. The parent parses the user's flags, starts one child process per
+configuration (`python -m benchmarks.<name> --child ...`), and prints the table. A child measures one configuration
+and prints one line `BENCH_RESULT {json}` as its last output. Separate processes keep each side's imports, allocator
+state and peak memory apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+RESULT_PREFIX = "BENCH_RESULT "
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The benchmark LLaMA: a small LLaMA shape that two CPU cores train in seconds per step.
+MODEL_DEFAULTS = dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, hidden_dim=1376)
+
+
+def add_model_args(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    values = {**MODEL_DEFAULTS, **defaults}
+    group = parser.add_argument_group("model (random init)")
+    for name, value in values.items():
+        group.add_argument(f"--{name}", type=int, default=value)
+
+
+def model_config(args: argparse.Namespace, max_seq_len: int):
+    from lit_adapter.config import ModelConfig
+
+    return ModelConfig(
+        name="bench", vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+        hidden_dim=args.hidden_dim, norm_eps=1e-5, max_seq_len=max_seq_len,
+    )
+
+
+def hf_config(args: argparse.Namespace, max_seq_len: int):
+    """The transformers LlamaConfig of the same architecture (via our converter's config.json)."""
+    from transformers import LlamaConfig
+
+    from lit_adapter.convert.hf import hf_config_dict
+
+    data = hf_config_dict(model_config(args, max_seq_len))
+    data.pop("architectures")
+    data.pop("model_type")
+    return LlamaConfig(**data)
+
+
+# ---- memory ----
+
+
+def rss_mb() -> float:
+    """Resident set size now, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (getrusage; since the last `reset_peak_rss`), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---- timing ----
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def ratio(ours: Optional[float], peer: Optional[float]) -> Optional[float]:
+    if ours is None or peer is None or not peer or not math.isfinite(ours) or not math.isfinite(peer):
+        return None
+    return ours / peer
+
+
+# ---- the child processes ----
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The child's answer to its parent: one JSON line, last on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 3600) -> dict[str, Any]:
+    """Run `python -m module args` from the repository root; its result, or {"error": ...} naming what failed."""
+    command = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    try:
+        proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s: {' '.join(command)}"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def child_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """Re-create the flags `names` of the parsed arguments for a child process."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, bool):
+            out += [f"--{name}"] if value else []
+        elif value is not None:
+            out += [f"--{name}", ",".join(value) if isinstance(value, list) else str(value)]
+    return out
+
+
+def csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# ---- reporting ----
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures come from: CPU model, cores, load average, library versions."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+    }
+
+
+Column = tuple[str, str, Callable[[Any], str]]
+
+
+def fmt_number(digits: int = 0) -> Callable[[Any], str]:
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "-"
+        return f"{value:,.{digits}f}"
+
+    return fmt
+
+
+def fmt_ratio(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A GitHub-markdown table of `rows` with the given (key, header, formatter) columns."""
+    cells = [[header for _, header, _ in columns]]
+    cells += [[fmt(row.get(key)) if not isinstance(row.get(key), str) else row[key] for key, _, fmt in columns]
+              for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from lit_adapter.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name} is {value}")
