@@ -18,6 +18,7 @@ from lit_adapter.adapters.linear import AdaptedLinear, attach_linears
 from lit_adapter.adapters.prompt import GatedPrompt, attach_prompts
 from lit_adapter.adapters.visual import VisualAdapter, VisualConfig
 from lit_adapter.config import ModelConfig
+from lit_adapter.errors import LitAdapterError
 from lit_adapter.model import LLaMA, RMSNorm
 
 __all__ = [
@@ -66,8 +67,6 @@ class AdapterModel(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> visual tokens [B, visual_len or 1, dim]."""
         if self.visual is None:
-            from lit_adapter.errors import LitAdapterError
-
             raise LitAdapterError("this adapter has no visual encoder: it takes no images (drop the image input)")
         return self.visual(images)
 

@@ -104,7 +104,9 @@ def _read_ours(weights: Path, base: ModelConfig) -> AdapterFile:
 # ---------------------------------------------------------------------------------------------- official formats
 
 
-def _read_official(path: Path, base: ModelConfig, adapter_len: Optional[int], visual: Optional[VisualConfig]):
+def _read_official(
+    path: Path, base: ModelConfig, adapter_len: Optional[int], visual: Optional[VisualConfig]
+) -> AdapterFile:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike mean "not a readable checkpoint"
@@ -182,7 +184,7 @@ def _from_official_v1(state: Tensors, base: ModelConfig, adapter_len: int, path:
             mapper.gate(key, mapper.layer(key, match[1]), tensor, static)
         elif key != "adapter_query.weight":
             mapper.fail(key, "unexpected in an official V1 adapter file")
-    config = AdapterConfig.v1(adapter_len=adapter_len, adapter_layers=count, gate_activation="tanh")
+    config = AdapterConfig.v1(adapter_len=adapter_len, adapter_layers=count, gate_activation="identity")
     return AdapterFile(config, mapper.tensors, path, "official-v1", mapper.origin)
 
 
@@ -231,7 +233,7 @@ def _from_official_v2(
         bias_mode="official_7b" if any(k.endswith(".bias") and k.startswith("llama.") for k in state) else "none",
         train_norms=any(k.startswith("llama.") and k.endswith("norm.weight") for k in state),
         lora_rank=lora_rank,
-        prompt_kv_lora=True,
+        prompt_kv_lora=False,
         new_gate=new_gate,
         fusion="late",
         visual=(visual or _official_visual_config(state, path)) if has_visual else None,

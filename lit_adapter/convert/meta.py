@@ -164,15 +164,3 @@ def merge_tensor(key: str, parts: list[torch.Tensor], shards: list[WeightsFile])
             raise LitAdapterError(f"{shard.path}: replicated weight {key!r} differs from {shards[0].path.name}")
     return parts[0].clone()
 
-
-def split_shards(state_dict: dict[str, torch.Tensor], n_shards: int) -> list[dict[str, torch.Tensor]]:
-    """The inverse of merging: the state dict cut into Meta's model-parallel shards (for tests and benchmarks)."""
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
-    for key, tensor in state_dict.items():
-        dim = split_dim(key)
-        if dim is not None and tensor.shape[dim] % n_shards:
-            raise ValueError(f"{key}: dim {dim} of size {tensor.shape[dim]} does not split into {n_shards}")
-        parts = tensor.chunk(n_shards, dim=dim) if dim is not None else [tensor] * n_shards
-        for shard, part in zip(shards, parts, strict=True):
-            shard[key] = part.clone()
-    return shards

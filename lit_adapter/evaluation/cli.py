@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.evaluation.records import METRICS_FILE, PredictionLog, check_settings, read_json, write_json
+from lit_adapter.evaluation.records import (
+    METRICS_FILE,
+    PredictionLog,
+    check_settings,
+    prediction_record,
+    read_json,
+    write_json,
+)
 from lit_adapter.evaluation.scienceqa import ScienceQAScorer, parse_answer
 from lit_adapter.inference.engine import Precision
 
@@ -72,7 +79,7 @@ def scienceqa(
     if outputs_file is not None:
         output = output or Path("out") / "eval" / f"scienceqa_{split}_outputs"
         records = records_from_outputs(outputs_file, problems)
-        settings = {"split": split, "outputs_file": str(outputs_file)}
+        settings = {"split": split, "outputs_file": _str(outputs_file)}
         check_settings(output, settings)  # never overwrite a model run's predictions
         PredictionLog(output).rewrite(records)
     else:
@@ -82,7 +89,7 @@ def scienceqa(
 
         output = output or Path("out") / "eval" / f"scienceqa_{split}_{mode}"
         settings = {
-            "split": split, "mode": mode, "checkpoint_dir": str(checkpoint_dir), "adapter": _str(adapter),
+            "split": split, "mode": mode, "checkpoint_dir": _str(checkpoint_dir), "adapter": _str(adapter),
             "captions": _str(captions), "images": _str(images), "prompt_style": prompt_style,
             "max_new_tokens": max_new_tokens if mode == "generate" else None,
         }
@@ -96,8 +103,6 @@ def scienceqa(
 
 def records_from_outputs(outputs_file: Path, problems: list) -> list[dict[str, Any]]:
     """Prediction records for the problems that have an output in the file (parsed like generated text)."""
-    from lit_adapter.evaluation.records import prediction_record
-
     outputs = read_json(outputs_file, "outputs file")
     if isinstance(outputs, dict) and isinstance(outputs.get("outputs"), dict):
         outputs = outputs["outputs"]
@@ -139,7 +144,8 @@ def report(problems: list, records: list[dict[str, Any]], output: Path, settings
 
 
 def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
+    """A path as recorded in the settings: absolute, so that a resumed run may spell it differently."""
+    return None if path is None else str(Path(path).resolve())
 
 
 BENCHMARKS = {"scienceqa": scienceqa}

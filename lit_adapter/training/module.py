@@ -27,7 +27,6 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
 from lit_adapter.adapters.groups import parameter_groups
@@ -329,7 +328,8 @@ class LitAdapterModule(LightningModule):
         val_loss = float(total[0] / total[1])
         if self.trainer.sanity_checking:
             self.initial_val_loss = val_loss
-            rank_zero_info(f"validation loss before training: {val_loss:.4f}")
+            if self.trainer.is_global_zero:
+                print(f"validation loss before training: {val_loss:.4f}", flush=True)
             return
         self.last_val_loss = val_loss
         self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)

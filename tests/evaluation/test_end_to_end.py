@@ -211,6 +211,14 @@ def test_resume_refuses_other_settings(stories260k_dir: Path, sample: Path, tmp_
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {out} holds predictions made with mode='likelihood' (now 'generate'): choose another "
                    "--output, or remove the folder to start over")
+    # scoring an outputs file into the same folder would overwrite the model's predictions
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text('{"4": "The answer is (A)."}')
+    before = (out / "predictions.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        main(["eval", "scienceqa", "--data_dir", str(sample), "--outputs_file", str(outputs), "--output", str(out)])
+    assert "holds predictions made with" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == before
 
 
 def test_visual_adapter_sees_the_images(stories260k_dir: Path, sample: Path, tmp_path: Path, capsys) -> None:

@@ -1,0 +1,85 @@
+"""`lit-adapter fit` / `validate`: every shipped config parses; the demo config runs end to end (a few steps)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from lit_adapter.cli import main
+from lit_adapter.training.cli import AdapterCLI, fit_main, validate_main
+from tests.training.helpers import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_the_expected_configs_ship() -> None:
+    names = {path.stem for path in CONFIGS}
+    assert {"demo", "llama7b_v1_alpaca", "llama7b_v2_joint", "llama7b_v2_official_pretrain",
+            "llama7b_v2_official_finetune", "llama13b_v2_fsdp", "llama65b_v2_fsdp"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        AdapterCLI(args=["fit", "--config", str(path), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(path.read_text())
+    assert printed["model"]["checkpoint_dir"] == written["model"]["checkpoint_dir"]
+    assert printed["trainer"]["precision"] == written["trainer"]["precision"]
+    for key in ("learning_rate", "weight_decay"):
+        assert printed["model"][key] == pytest.approx(written["model"][key])
+    assert printed["model"]["adapter"]["bias_mode"] == written["model"]["adapter"].get("bias_mode", "none")
+
+
+def test_recipe_values_of_the_v1_config() -> None:
+    config = yaml.safe_load((REPO / "configs" / "llama7b_v1_alpaca.yaml").read_text())
+    trainer, model = config["trainer"], config["model"]
+    data = config["data"]["instruction"]["init_args"]
+    effective_batch = trainer["devices"] * data["batch_size"] * trainer.get("accumulate_grad_batches", 1)
+    assert effective_batch == 32
+    assert model["learning_rate"] == pytest.approx(9e-3 * effective_batch / 256)
+    assert (trainer["max_epochs"], model["warmup_epochs"], model["weight_decay"]) == (5, 2, 0.02)
+    assert model["betas"] == [0.9, 0.95] and data["max_seq_length"] == 512 and trainer["precision"] == "bf16-true"
+
+
+def test_demo_config_runs_exports_logs_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "demo"
+    overrides = [
+        "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar",
+        "false", "--checkpoint.every_n_train_steps", "1", "--data.instruction.init_args.batch_size", "2",
+        "--data.caption.init_args.batch_size", "2",
+    ]  # fmt: skip
+    fit_main(overrides)
+    out = capsys.readouterr().out
+    assert "validation loss before training:" in out
+    summary = out[out.index("training summary"):]
+    assert "trainable parameters:" in summary and "tokens/s" in summary and "peak memory:" in summary
+    assert f"adapter: {root}" in summary
+    for name in ("adapter.safetensors", "adapter_config.yaml", "tokenizer.model", "model_config.yaml", "training.yaml"):
+        assert (root / name).is_file(), name
+    adapter = load_file(root / "adapter.safetensors")
+    assert any(name.startswith("visual.") for name in adapter) and any(".prefix.gate" in n for n in adapter)
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    metrics = list(csv.DictReader(open(next((root / "logs").glob("version_*/metrics.csv")))))
+    columns = set(metrics[0])
+    assert {"train_loss", "lr", "tokens_per_sec", "peak_memory_gb", "val_loss"} <= columns
+    assert list((root / "tensorboard").glob("version_*/events.out.tfevents.*"))
+
+    validate_main(overrides[:4] + ["--trainer.limit_val_batches", "1", "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+    assert "val_loss" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.checkpoint_dir", str(tmp_path / "nope"),
+              "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "nope" in err[-1] and "checkpoint folder not found" in err[-1]
