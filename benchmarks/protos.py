@@ -1,12 +1,108 @@
-"""Prototype optimisations of our model, applied inside the benchmark process only (flag `--proto NAME,...`)."""
+"""Prototype optimisations of our model and training loss, applied inside a benchmark process only (`--proto`).
+
+Each prototype is a candidate change to lit_adapter itself, measured here before it is made there:
+
+- head_ce: the training loss without full logits. The model stops at its final norm; the classifier and the
+  cross-entropy run only on supervised positions, in chunks, and the gradient with respect to the hidden states is
+  computed during the forward pass (the classifier is frozen, so it is all backward needs). Full [B, T, vocab]
+  logits, their shifted copy, log-softmax and gradient are never materialised.
+- complex_rope: RoPE as one complex multiplication (Meta's formulation) instead of select/stack on even/odd pairs.
+- norm_cast: RMSNorm casts its weight to the activation dtype, so float32 trainable norms work in a bf16 model
+  (today the product promotes to float32 and the next bf16 linear fails).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-PROTOS: dict[str, str] = {}
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+PROTOS = {
+    "head_ce": "classifier + cross-entropy on supervised positions only, chunked, no full logits",
+    "complex_rope": "RoPE as a complex multiplication",
+    "norm_cast": "RMSNorm output in the activation dtype (float32 norms in a bf16 model)",
+}
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def apply_protos(model: Any, names: list[str]) -> Callable:
-    """Apply the named prototypes to `model` (an AdapterModel); returns forward(input_ids) -> logits."""
-    return model
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over supervised positions (the training module's formula), computed in float32."""
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def patch_model_code(names: list[str]) -> None:
+    """Swap functions of lit_adapter.model for the prototypes named (before the model is built)."""
+    import lit_adapter.model as model_module
+
+    if "complex_rope" in names:
+        model_module.apply_rope = complex_rope
+    if "norm_cast" in names:
+        model_module.RMSNorm.forward = rms_norm_forward
+
+
+def complex_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope as one complex product: (x[2i] + i x[2i+1]) * (cos + i sin)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.complex(cos, sin).unsqueeze(-2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x_float = x.float()
+    normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+    return normed.type_as(x) * self.weight.to(x.dtype)
+
+
+def ours_loss(model: Any, names: list[str]) -> LossFn:
+    """loss(input_ids, labels) for an AdapterModel, with the prototypes named (patch_model_code first)."""
+    if "head_ce" not in names:
+        return lambda input_ids, labels: masked_cross_entropy(model(input_ids), labels)
+    llama = model.llama
+    head = llama.output
+    llama.output = nn.Identity()  # the model now returns its final normed hidden states
+
+    def loss(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return head_cross_entropy(model(input_ids), head.weight, labels)
+
+    return loss
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 256):
+    """masked_cross_entropy(hidden @ weight.T, labels) for a frozen `weight`, without materialising the logits."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return FrozenHeadCrossEntropy.apply(hidden[:, :-1][keep], weight, targets[keep], chunk)
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (hidden @ weight.T) against targets; weight gets no gradient.
+
+    The forward pass computes, chunk by chunk, the loss and d loss / d hidden = (softmax - onehot) @ weight / N, and
+    keeps only the latter ([N, dim]) for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        count = max(hidden.shape[0], 1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        ctx.count = count
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * (grad_output / ctx.count).to(grad_hidden.dtype), None, None, None

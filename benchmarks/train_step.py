@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable
 
 from benchmarks import harness
-from benchmarks.protos import PROTOS, apply_protos
+from benchmarks.protos import PROTOS, masked_cross_entropy, ours_loss, patch_model_code
 
 OURS, PEFT = "ours", "peft"
 RUNS = {"v1": OURS, "peft_prompt": PEFT, "v2": OURS, "v2_lora": OURS, "peft_lora": PEFT}
@@ -82,14 +82,6 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) ->
     return {"input_ids": input_ids, "labels": labels}
 
 
-def masked_cross_entropy(logits, labels):
-    """Mean next-token loss over supervised positions (the training module's formula), computed in float32."""
-    import torch.nn.functional as F
-
-    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def ours_adapter_config(args: argparse.Namespace, run: str):
     from lit_adapter.adapters import AdapterConfig
 
@@ -102,8 +94,10 @@ def ours_adapter_config(args: argparse.Namespace, run: str):
 def build_ours(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable, list]:
     """A random-init LLaMA built directly in `dtype` with the adapters of `run`; trainable parameters in float32.
 
-    Returns (model, forward(input_ids) -> logits, the trainable parameters that were upcast from `dtype`)."""
+    Returns (model, loss(input_ids, labels), the trainable parameters that were upcast from `dtype`)."""
     import torch
+
+    patch_model_code(args.proto)
 
     from lit_adapter.adapters import build_adapter_model
     from lit_adapter.checkpoint import meta_model
@@ -120,8 +114,7 @@ def build_ours(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable
     upcast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in upcast:
         param.data = param.data.float()
-    forward = apply_protos(model, args.proto)
-    return model, forward, upcast
+    return model, ours_loss(model, args.proto), upcast
 
 
 def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable, list]:
@@ -138,10 +131,10 @@ def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable
                             target_modules=LORA_TARGETS_HF, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
 
-    def forward(input_ids):
-        return model(input_ids=input_ids, use_cache=False).logits
+    def loss(input_ids, labels):
+        return masked_cross_entropy(model(input_ids=input_ids, use_cache=False).logits, labels)
 
-    return model, forward, []
+    return model, loss, []
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +144,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     side, dtype = RUNS[args.run], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     build = build_ours if side == OURS else build_peft
-    model, forward, upcast = build(args, args.run, dtype)
+    model, loss_fn, upcast = build(args, args.run, dtype)
     model.train()
     rss_model = harness.rss_mb()
     batch = make_batch(args.vocab_size, args.batch_size, args.seq_len)
@@ -164,7 +157,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
         def step() -> float:
             optimizer.zero_grad(set_to_none=True)
-            loss = masked_cross_entropy(forward(batch["input_ids"]), batch["labels"])
+            loss = loss_fn(batch["input_ids"], batch["labels"])
             loss.backward()
             optimizer.step()
             return float(loss)

@@ -424,8 +424,9 @@ def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig) -> t
 
 
 def merge(checkpoint_dir: Path, adapter: Path, out_dir: Path, adapter_len: Optional[int] = None) -> None:
-    """Fold an adapter's bias/scale, LoRA and norms into the base weights: a plain checkpoint folder (plus the
-    prompts, gates and biases that remain, as a small adapter in the same folder).
+    """Fold an adapter's bias/scale, LoRA and trained norms into the base weights of a new checkpoint folder.
+
+    The prompts, gates and biases that remain are written to the same folder as a small adapter.
 
     Args:
         checkpoint_dir: the base model folder (written by `lit-adapter convert`).

@@ -68,7 +68,7 @@ def convert(
     source: Path,
     out_dir: Path,
     tokenizer: Optional[Path] = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
 ) -> Path:
     """Convert a checkpoint into a lit-adapter checkpoint folder.
 
@@ -77,7 +77,7 @@ def convert(
             (config.json + model.safetensors / pytorch_model.bin, sharded or not) or a llama2.c legacy `.bin` file.
         out_dir: the folder to write (model.safetensors, model_config.yaml, tokenizer.model).
         tokenizer: the SentencePiece tokenizer.model; found beside or above SOURCE when not given.
-        dtype: the dtype of the written weights.
+        dtype: the dtype of the written weights; by default the source's own (llama2.c files are float32).
     """
     source, out_dir = Path(source), Path(out_dir)
     detect_format(source)
@@ -90,9 +90,10 @@ def convert(
         raise LitAdapterError(
             f"{tokenizer}: tokenizer has {vocab} pieces but the model's embedding has {config.vocab_size} rows"
         )
-    target = DTYPES[dtype]
-    for key in list(state_dict):  # one tensor at a time, so the source and target copies never coexist in full
-        state_dict[key] = state_dict[key].to(target)
+    if dtype is not None:
+        for key in list(state_dict):  # one tensor at a time, so the source and target copies never coexist in full
+            state_dict[key] = state_dict[key].to(DTYPES[dtype])
     save_checkpoint(out_dir, state_dict, config, tokenizer)
-    print(f"converted {fmt} checkpoint {source} -> {out_dir} ({config.name}, {dtype})")
+    written = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
+    print(f"converted {fmt} checkpoint {source} -> {out_dir} ({config.name}, {'/'.join(written)})")
     return out_dir

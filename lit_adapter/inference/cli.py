@@ -133,7 +133,7 @@ def chat(
     checkpoint_dir: Path,
     adapter: Optional[Path] = None,
     prompt_style: str = "chat",
-    system: Optional[str] = None,
+    system: str = "",
     image: Optional[Path] = None,
     expert: Optional[str] = None,
     expert_slot: ExpertSlot = "input",
@@ -156,7 +156,7 @@ def chat(
         checkpoint_dir: a folder written by `lit-adapter convert`.
         adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
         prompt_style: a style with a multi-turn form (chat: system line, Human/Assistant roles, "###").
-        system: replaces the chat template's system line.
+        system: replaces the chat template's system line (empty: the template's own).
         image: an image to talk about from the start (as `/image PATH`).
         expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
         expert_slot: where the expert's text goes: after the message (input) or before it (instruction).
@@ -179,7 +179,7 @@ def chat(
     )
     chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
     generator = torch.Generator(device=engine.device).manual_seed(seed)
-    session = ChatSession(engine, decoding, system, chosen_expert, expert_slot, generator)
+    session = ChatSession(engine, decoding, system or None, chosen_expert, expert_slot, generator)
     if image is not None:
         session.set_image(str(image))
     run_chat(session, sys.stdin, interactive=sys.stdin.isatty())

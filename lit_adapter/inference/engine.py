@@ -125,13 +125,13 @@ class Engine:
         """Base model alone (prompt style `raw`) or with an adapter (the style saved with it, alpaca by default)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
-        tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
         if adapter is None:
             llama = load_model(checkpoint_dir, device=dev, dtype=dtype)
-            return cls(llama, tokenizer, get_prompt_style(prompt_style or "raw"))
+            return cls(llama, Tokenizer(tokenizer_path(checkpoint_dir)), get_prompt_style(prompt_style or "raw"))
         from lit_adapter.adapters import load_adapter_model
 
         adapter_model, adapter_config = load_adapter_model(checkpoint_dir, adapter, device=dev, dtype=dtype)
+        tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
         adapter_model.eval()
         if merge:
             merge_for_inference(adapter_model)

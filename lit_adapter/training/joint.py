@@ -149,7 +149,7 @@ class ResumableLoader:
         iterators = {name: iter(self._loader(name, [ids for n, ids in plan if n == name])) for name in self.sources}
         return self._batches(plan, iterators)
 
-    def _batches(self, plan: list[tuple[str, list[tuple[int, int]]]], iterators: dict[str, Iterator]) -> Iterator[dict[str, Any]]:
+    def _batches(self, plan: list[tuple[str, list[tuple[int, int]]]], iterators: dict[str, Iterator]) -> Iterator[dict]:
         for name, _ in plan:
             batch = next(iterators[name])
             self.consumed += 1

@@ -32,7 +32,7 @@ from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_mode
 from lit_adapter.adapters.groups import parameter_groups
 from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, load_model, save_yaml, tokenizer_path
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import Block, RMSNorm
+from lit_adapter.model import Block, LLaMA, RMSNorm
 from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
 from lit_adapter.training.schedule import resolve_warmup_steps, warmup_cosine
 
@@ -95,6 +95,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
+class PrefixedTensors:
+    """A safetensors file seen with `prefix` before every key (read lazily, one tensor at a time)."""
+
+    def __init__(self, handle: Any, prefix: str) -> None:
+        self.handle, self.prefix = handle, prefix
+
+    def keys(self) -> list[str]:
+        return [self.prefix + key for key in self.handle.keys()]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key.removeprefix(self.prefix))
+
+
 class LitAdapterModule(LightningModule):
     """Trains LLaMA-Adapter parameters on a frozen LLaMA.
 
@@ -147,6 +160,7 @@ class LitAdapterModule(LightningModule):
         self._tokens = 0
         self._train_seconds = 0.0
         self._batch_start: Optional[float] = None
+        self.group_sizes: dict[str, int] = {}
 
     # ---- the model ----
 
@@ -165,22 +179,58 @@ class LitAdapterModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        # The strategy's init context decides device and dtype: the frozen weights load straight into them (the
-        # model is built on the meta device and the weights are assigned, so there is one copy in memory).
-        device, dtype = torch.empty(0).device, torch.get_default_dtype()
-        base = load_model(self.base_dir, device=device, dtype=dtype)
-        with default_dtype(torch.float32):  # adapter parameters are created (and initialised) in float32
-            model = build_adapter_model(base, self.adapter_config)
+        if self._sharded():
+            model = self._build_for_sharding()
+        else:
+            # The strategy's init context decides device and dtype: the frozen weights load straight into them (the
+            # model is built on the meta device and the weights are assigned, so there is one copy in memory).
+            device, dtype = torch.empty(0).device, torch.get_default_dtype()
+            base = load_model(self.base_dir, device=device, dtype=dtype)
+            with default_dtype(torch.float32):  # adapter parameters are created (and initialised) in float32
+                model = build_adapter_model(base, self.adapter_config)
         self.model = model
-        if self.hparams.init_adapter:
+        if self.hparams.init_adapter and not self._sharded():
             self._load_initial_adapter(self.hparams.init_adapter)
         self._apply_trainable_patterns()
+        groups = parameter_groups(model)
+        self.group_sizes = {name: sum(p.numel() for _, p in params) for name, params in groups.items()}
         self._trainable_to_float32()
         keep_norm_outputs_in_input_dtype(model)
         if self.hparams.activation_checkpointing and not self._sharded():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(model.llama, check_fn=lambda module: isinstance(module, Block))
+
+    def _build_for_sharding(self) -> AdapterModel:
+        """Everything on the meta device but the frozen CLIP tower: FSDP materialises and shards the units, then
+        `after_sharding` copies the weights in."""
+        with torch.device("meta"), default_dtype(torch.float32):
+            model = build_adapter_model(LLaMA(load_config(self.base_dir)), self.adapter_config)
+        if model.visual is not None:
+            from lit_adapter.adapters.visual import build_clip_encoder
+
+            with torch.device("cpu"), default_dtype(torch.float32):
+                model.visual.attach_encoder(build_clip_encoder(self.adapter_config.visual))
+        return model
+
+    def after_sharding(self, root: torch.nn.Module) -> None:
+        """Called by AdapterFSDPStrategy once the model is sharded: load the base weights (and init_adapter)."""
+        from safetensors import safe_open
+
+        from lit_adapter.checkpoint import WEIGHTS_FILE
+        from lit_adapter.training.fsdp import load_full_tensors
+
+        path = self.base_dir / WEIGHTS_FILE
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            loaded = load_full_tensors(root, PrefixedTensors(f, STATE_PREFIX + "llama."))
+            missing = [k for k in f.keys() if STATE_PREFIX + "llama." + k not in loaded]
+        if missing:
+            raise LitAdapterError(f"{path}: weight {missing[0]!r} has no place in the sharded model")
+        if self.hparams.init_adapter:
+            from lit_adapter.adapters.io import read_adapter
+
+            adapter = read_adapter(self.hparams.init_adapter, load_config(self.base_dir))
+            load_full_tensors(root, {STATE_PREFIX + k: v for k, v in adapter.tensors.items()})
 
     def _sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -365,21 +415,31 @@ class LitAdapterModule(LightningModule):
     def export(self, out_dir: Path) -> None:
         """adapter.safetensors + adapter_config.yaml, the tokenizer and model config of the base, and a note of the
         base folder, in out_dir (global rank 0 writes)."""
+        from lit_adapter.adapters.io import write_adapter
+
+        tensors = self._adapter_tensors()
         if not self.trainer.is_global_zero:
             return
-        from lit_adapter.adapters.io import save_adapter
-
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.model, out_dir)
+        write_adapter(out_dir, self.adapter_config, tensors, load_config(self.base_dir))
         for name in (TOKENIZER_FILE, CONFIG_FILE):
             shutil.copyfile(self.base_dir / name, out_dir / name)
         save_yaml({"checkpoint_dir": str(self.base_dir.resolve()), **self.run_figures()}, out_dir / "training.yaml")
         self.exported_to = out_dir
 
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (trained or not), full size, on CPU; a collective call under FSDP."""
+        if not self._sharded():
+            return {name: t.detach().cpu() for name, t in self.model.adapter_state_dict().items()}
+        from lit_adapter.training.fsdp import gather_full_tensors
+
+        names = {STATE_PREFIX + name for name in self.model.adapter_names}
+        gathered = gather_full_tensors(self.trainer.strategy.model, names, rank0_only=True)
+        return {name.removeprefix(STATE_PREFIX): tensor for name, tensor in gathered.items()}
+
     def run_figures(self) -> dict[str, Any]:
-        groups = parameter_groups(self.model)
         return {
-            "trainable_parameters": {name: sum(p.numel() for _, p in params) for name, params in groups.items()},
+            "trainable_parameters": dict(self.group_sizes),
             "optimizer_steps": int(self.global_step),
             "tokens_per_second": round(self.tokens_per_second(), 1),
             "peak_memory_gb": round(peak_memory_gb(self.device), 3),

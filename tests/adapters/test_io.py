@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -36,9 +34,11 @@ def clip_weights(tmp_path) -> str:
     return str(path)
 
 
-def rand(*shape, scale: float = 0.2, seed: list = [0]) -> torch.Tensor:  # noqa: B006 - a running seed
-    seed[0] += 1
-    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]))
+GENERATOR = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, scale: float = 0.2) -> torch.Tensor:
+    return scale * torch.randn(*shape, generator=GENERATOR)
 
 
 def one_line_error(err: pytest.ExceptionInfo, *parts: str) -> None:

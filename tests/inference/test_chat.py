@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ def test_chat_through_a_pipe_with_a_small_context(stories260k_dir, tmp_path):
         [sys.executable, "-m", "lit_adapter.cli", "chat", "--checkpoint_dir", str(small), "--max_new_tokens", "16",
          "--stop", "\n", "--temperature", "0"],
         input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4  # three turns, one after /reset, none after /exit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_bad_image_exits_2_with_one_line_naming_it(stories260k_dir, tmp_path, ki
     result = subprocess.run(
         [sys.executable, "-m", "lit_adapter.cli", "generate", "--checkpoint_dir", str(stories260k_dir), "--prompt",
          "hi", "--image", str(image)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()

@@ -72,7 +72,8 @@ def test_demo_config_runs_exports_logs_and_validates(tmp_path: Path, capsys: pyt
     assert {"train_loss", "lr", "tokens_per_sec", "peak_memory_gb", "val_loss"} <= columns
     assert list((root / "tensorboard").glob("version_*/events.out.tfevents.*"))
 
-    validate_main(overrides[:4] + ["--trainer.limit_val_batches", "1", "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+    last = root / "checkpoints" / "last.ckpt"
+    validate_main(overrides[:4] + ["--trainer.limit_val_batches", "1", "--ckpt_path", str(last)])
     assert "val_loss" in capsys.readouterr().out
 
 

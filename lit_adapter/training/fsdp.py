@@ -1,0 +1,176 @@
+"""FSDP for adapter training on a large frozen LLaMA (13B, 65B): shard the model over the GPUs.
+
+- Each LLaMA `Block` is its own FSDP unit (auto-wrap); `use_orig_params=True` because frozen and trainable
+  parameters share units.
+- The model is built on the meta device; FSDP materialises one unit at a time and shards it; then the base weights
+  (and an `init_adapter`) are copied in unit by unit, so no process ever holds the whole model.
+- Precision: torch's FSDP (v1) flattens each unit into one tensor, which needs one dtype per unit. Parameters are
+  therefore STORED in float32 (sharded: 65B over 8 GPUs is 32.5 GB per GPU) and gathered, computed and stored in
+  activations in `compute_dtype` (bf16); gradients are reduced in float32, so trainable parameters and AdamW state
+  are float32. Run it with `trainer.precision: 32-true`.
+- The frozen CLIP tower is not sharded (FSDP ignores it); it is cast to the compute dtype.
+- Checkpoints gather only the trainable tensors (unit by unit), not the whole model.
+- Works on CPU too (gloo), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.model import Block
+
+
+class AdapterFSDPStrategy(FSDPStrategy):
+    """FSDP with per-block wrapping, original parameters, fp32 storage and bf16 compute (see the module docstring).
+
+    Args:
+        compute_dtype: dtype of the gathered parameters and of the computation: bfloat16, float16 or float32
+        activation_checkpointing: recompute each block's activations in backward (less memory, ~30% more compute)
+        sharding_strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD
+        cpu_offload: keep the parameter shards in CPU memory
+        process_group_backend: nccl on GPUs (default), gloo on CPU
+    """
+
+    def __init__(
+        self,
+        compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        activation_checkpointing: bool = False,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD",
+        cpu_offload: bool = False,
+        process_group_backend: Optional[str] = None,
+    ) -> None:
+        from torch.distributed.fsdp import MixedPrecision
+
+        dtype = getattr(torch, compute_dtype)
+        super().__init__(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy={Block} if activation_checkpointing else None,
+            use_orig_params=True,
+            mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype),
+            sharding_strategy=sharding_strategy,
+            cpu_offload=cpu_offload,
+            state_dict_type="full",
+            process_group_backend=process_group_backend,
+        )
+        self.compute_dtype = dtype
+
+    def setup(self, trainer: Any) -> None:
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision != "32-true":
+            raise LitAdapterError(
+                f"trainer.precision={precision!r} with AdapterFSDPStrategy: use 32-true (parameters are stored in "
+                f"float32 and sharded; strategy compute_dtype={str(self.compute_dtype).removeprefix('torch.')} "
+                "sets the compute precision)"
+            )
+        super().setup(trainer)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        from lit_adapter.adapters.visual import ClipEncoder
+
+        ignored = [module for module in model.modules() if isinstance(module, ClipEncoder)]
+        cpu = self.root_device.type == "cpu"  # torch's FSDP runs on CPU only when told the device explicitly
+        with warnings.catch_warnings():
+            # units mixing frozen and trainable parameters are the point here (use_orig_params=True)
+            warnings.filterwarnings("ignore", message=".*parameters have requires_grad=True.*")
+            wrapped = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=self.root_device if cpu else self.root_device.index,
+                ignored_states=ignored or None,
+                **self.kwargs,
+            )
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        for encoder in ignored:
+            encoder.to(device=self.root_device, dtype=self.compute_dtype)
+        after_sharding = getattr(model, "after_sharding", None)
+        if callable(after_sharding):
+            after_sharding(wrapped)
+        return wrapped
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Only the trainable tensors, gathered unit by unit onto global rank 0 (other ranks get an empty dict)."""
+        module = self.lightning_module
+        names = set(module.trainable_names())
+        return gather_full_tensors(self.model, names, rank0_only=True)
+
+
+def own_parameters(unit: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters an FSDP unit manages itself (not those of nested units), named relative to the unit."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in module.named_parameters(recurse=False):
+            yield prefix + name, param
+        for name, child in module.named_children():
+            if not isinstance(child, FullyShardedDataParallel):
+                yield from visit(child, f"{prefix}{name}.")
+
+    yield from visit(unit.module, "")
+
+
+def _units(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, module in root.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            yield name, module
+
+
+def _clean(name: str) -> str:
+    from lit_adapter.training.module import clean_name
+
+    return clean_name(name)
+
+
+def _full(prefix: str, name: str) -> str:
+    return _clean(f"{prefix}.{name}" if prefix else name)
+
+
+def gather_full_tensors(root: nn.Module, names: set[str], rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the named parameters (names as in the unwrapped module), one FSDP unit at a time."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out: dict[str, torch.Tensor] = {}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for prefix, unit in _units(root):
+        wanted = [(n, p) for n, p in own_parameters(unit) if _full(prefix, n) in names]
+        if not wanted:
+            continue
+        context = FullyShardedDataParallel.summon_full_params(
+            unit, recurse=False, writeback=False, rank0_only=rank0_only, offload_to_cpu=True
+        )
+        with context:
+            if rank == 0 or not rank0_only:
+                for name, param in wanted:
+                    out[_full(prefix, name)] = param.detach().clone().cpu()
+    return out
+
+
+def load_full_tensors(root: nn.Module, tensors: Any) -> set[str]:
+    """Copy full tensors (a mapping name -> tensor, or a lazy reader with `keys()` / `[name]`) into the sharded
+    parameters of the same names, one FSDP unit at a time. Returns the names loaded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    loaded: set[str] = set()
+    available = set(tensors.keys())
+    for prefix, unit in _units(root):
+        wanted = [(n, p) for n, p in own_parameters(unit) if _full(prefix, n) in available]
+        if not wanted:
+            continue
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True), torch.no_grad():
+            for name, param in wanted:
+                full = _full(prefix, name)
+                param.copy_(tensors[full])
+                loaded.add(full)
+    return loaded
