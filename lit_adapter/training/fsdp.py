@@ -80,7 +80,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
         cpu = self.root_device.type == "cpu"  # torch's FSDP runs on CPU only when told the device explicitly
         with warnings.catch_warnings():
             # units mixing frozen and trainable parameters are the point here (use_orig_params=True)
-            warnings.filterwarnings("ignore", message=".*parameters have requires_grad=True.*")
+            warnings.filterwarnings("ignore", message="(?s).*has both parameters with requires_grad=True and False")
             wrapped = FullyShardedDataParallel(
                 module=model,
                 cpu_offload=self.cpu_offload,
@@ -97,6 +97,14 @@ class AdapterFSDPStrategy(FSDPStrategy):
         if callable(after_sharding):
             after_sharding(wrapped)
         return wrapped
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Check the checkpoint's tensors against this adapter first (Lightning's FSDP loads them straight into the
+        model, before the module's on_load_checkpoint sees the checkpoint)."""
+        path = self.broadcast(checkpoint_path)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("state_dict", {})
+        self.lightning_module.check_trainable_keys(state.keys(), source=str(path))
+        return super().load_checkpoint(path, weights_only)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Only the trainable tensors, gathered unit by unit onto global rank 0 (other ranks get an empty dict)."""

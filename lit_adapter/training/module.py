@@ -22,7 +22,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -395,10 +395,15 @@ class LitAdapterModule(LightningModule):
         checkpoint["adapter_config"] = self.adapter_config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [k for k in self.trainable_names() if k not in checkpoint.get("state_dict", {})]
+        if "state_dict" in checkpoint:  # (under FSDP the strategy has loaded and checked it already)
+            self.check_trainable_keys(checkpoint["state_dict"].keys())
+
+    def check_trainable_keys(self, keys: Iterable[str], source: str = "the checkpoint") -> None:
+        present = set(keys)
+        missing = [k for k in self.trainable_names() if k not in present]
         if missing:
             raise LitAdapterError(
-                f"the checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]!r}); it was written for "
+                f"{source} lacks {len(missing)} trainable tensors (first: {missing[0]!r}); it was written for "
                 "a different adapter config"
             )
 
