@@ -228,8 +228,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean fraction of each row's tokens before the first difference (1.0 = identical greedy output)."""
     fractions = []
-    for row_a, row_b in zip(a, b):
-        same = next((i for i, (x, y) in enumerate(zip(row_a, row_b)) if x != y), min(len(row_a), len(row_b)))
+    for row_a, row_b in zip(a, b, strict=True):
+        pairs = enumerate(zip(row_a, row_b, strict=False))
+        same = next((i for i, (x, y) in pairs if x != y), min(len(row_a), len(row_b)))
         fractions.append(same / max(len(row_a), len(row_b), 1))
     return sum(fractions) / max(len(fractions), 1)
 

@@ -197,7 +197,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
     cells += [[fmt(row.get(key)) if not isinstance(row.get(key), str) else row[key] for key, _, fmt in columns]
               for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any, Callable
 
 from benchmarks import harness
-from benchmarks.protos import PROTOS, masked_cross_entropy, ours_loss, patch_model_code
+from benchmarks.protos import PROTOS, masked_cross_entropy
 
 OURS, PEFT = "ours", "peft"
 RUNS = {"v1": OURS, "peft_prompt": PEFT, "v2": OURS, "v2_lora": OURS, "peft_lora": PEFT}
@@ -32,7 +31,6 @@ COMPARISONS = (
     ("v1", "peft_prompt"), ("v2", "v1"), ("v2_lora", "v1"), ("v2", "peft_lora"), ("v2_lora", "peft_lora"),
 )
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IGNORE_INDEX = -100
 CHILD_FLAGS = (
     "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "seq_len", "batch_size", "adapter_len",
     "adapter_layers", "lora_rank", "warmup", "steps", "threads", "proto",
@@ -47,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--adapter_len", type=int, default=10)
     parser.add_argument("--adapter_layers", type=int, default=6, help="V1 / PEFT adaption prompt: the top L layers")
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2, help="steps not timed")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not timed (at least 1)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     parser.add_argument("--runs", type=harness.csv_list, default=list(RUNS), help=f"subset of {list(RUNS)}")
@@ -69,19 +67,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---- the child: one configuration ----
 
 
-def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
-    """Random tokens; each row's first 1/8..1/2 (the "prompt") is excluded from the loss."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
-    labels = input_ids.clone()
-    prompt_lens = torch.randint(seq_len // 8, seq_len // 2 + 1, (batch_size,), generator=generator)
-    for row, length in enumerate(prompt_lens.tolist()):
-        labels[row, :length] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels}
-
-
 def ours_adapter_config(args: argparse.Namespace, run: str):
     from lit_adapter.adapters import AdapterConfig
 
@@ -91,33 +76,8 @@ def ours_adapter_config(args: argparse.Namespace, run: str):
     return AdapterConfig.v2(adapter_len=args.adapter_len, lora_rank=lora)
 
 
-def build_ours(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable, list]:
-    """A random-init LLaMA built directly in `dtype` with the adapters of `run`; trainable parameters in float32.
-
-    Returns (model, loss(input_ids, labels), the trainable parameters that were upcast from `dtype`)."""
-    import torch
-
-    patch_model_code(args.proto)
-
-    from lit_adapter.adapters import build_adapter_model
-    from lit_adapter.checkpoint import meta_model
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        base = meta_model(harness.model_config(args, args.seq_len))
-    finally:
-        torch.set_default_dtype(previous)
-    base.to_empty(device="cpu")
-    base.reset_parameters()
-    model = build_adapter_model(base, ours_adapter_config(args, run))
-    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
-    for param in upcast:
-        param.data = param.data.float()
-    return model, ours_loss(model, args.proto), upcast
-
-
-def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable, list]:
+def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable]:
+    """The transformers model with PEFT's adapters, everything in `dtype`; (model, loss(input_ids, labels))."""
     from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -134,72 +94,44 @@ def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable
     def loss(input_ids, labels):
         return masked_cross_entropy(model(input_ids=input_ids, use_cache=False).logits, labels)
 
-    return model, loss, []
+    return model, loss
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from benchmarks import training
+
     harness.set_threads(args.threads)
     torch.manual_seed(0)
     side, dtype = RUNS[args.run], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    build = build_ours if side == OURS else build_peft
-    model, loss_fn, upcast = build(args, args.run, dtype)
+    if side == OURS:
+        config = harness.model_config(args, args.seq_len)
+        model, loss_fn, upcast = training.build_ours(config, ours_adapter_config(args, args.run), dtype, "cpu",
+                                                     args.proto)
+    else:
+        (model, loss_fn), upcast = build_peft(args, args.run, dtype), []
     model.train()
     rss_model = harness.rss_mb()
-    batch = make_batch(args.vocab_size, args.batch_size, args.seq_len)
-    result: dict[str, Any] = {"run": args.run, "side": side, "precision": args.precision, "errors": [],
-                              "proto": args.proto if side == OURS else []}
-
-    def make_step() -> Callable[[], float]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(batch["input_ids"], batch["labels"])
-            loss.backward()
-            optimizer.step()
-            return float(loss)
-
-        return step
-
+    batch = training.make_batch(args.vocab_size, args.batch_size, args.seq_len)
+    errors: list[str] = []
     harness.reset_peak_rss()
-    step = make_step()
-    try:
-        first_loss = step()
-    except RuntimeError as err:
-        if not upcast:
-            raise
-        # float32 trainable norms in a bf16 model: report, then train those norms in bf16 (the training module's mode)
-        result["errors"].append(f"fp32 trainable parameters in a bf16 base: {type(err).__name__}: {err}")
-        for param in upcast:
-            param.data = param.data.to(dtype)
-        upcast = []
-        step = make_step()
-        first_loss = step()
+    step, first_loss = training.first_step(model, loss_fn, batch, upcast, dtype, errors)
     harness.check_finite("loss", first_loss)
-    times, losses = [], [first_loss]
-    for index in range(args.warmup - 1 + args.steps):
-        start = time.perf_counter()
-        losses.append(step())
-        if index >= args.warmup - 1:
-            times.append(time.perf_counter() - start)
+    times, losses = training.time_steps(step, max(args.warmup - 1, 0), args.steps)
     harness.check_finite("loss", losses[-1])
-    tokens = args.batch_size * args.seq_len
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    result.update(
-        trainable_params=sum(p.numel() for p in trainable),
-        trainable_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
-        step_s=harness.median(times),
-        step_s_all=[round(t, 4) for t in times],
-        tokens_per_s=tokens / harness.median(times),
-        rss_model_mb=rss_model,
-        peak_rss_mb=harness.peak_rss_mb(),
-        first_loss=first_loss,
-        last_loss=losses[-1],
-    )
-    return result
+    return {
+        "run": args.run, "side": side, "precision": args.precision, "errors": errors,
+        "proto": args.proto if side == OURS else [],
+        **training.trainable_summary(model),
+        "step_s": harness.median(times),
+        "step_s_all": [round(t, 4) for t in times],
+        "tokens_per_s": args.batch_size * args.seq_len / harness.median(times),
+        "rss_model_mb": rss_model,
+        "peak_rss_mb": harness.peak_rss_mb(),
+        "first_loss": first_loss,
+        "last_loss": losses[-1],
+    }
 
 
 # ---- the parent: every configuration, the table ----

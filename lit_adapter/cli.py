@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 SELF_PARSING = {"fit", "validate", "eval", "generate", "chat"}
 
 # the one positional argument a command takes (every other argument is a --flag)
-POSITIONAL = {"convert": "source"}
+POSITIONAL = {"convert": "source", "download": "name"}
 
 
 def usage() -> str:

@@ -26,7 +26,6 @@ from lit_adapter.tokenizer import Tokenizer
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"
-SUBJECT_CODES = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,6 @@ class ScienceQAProblem:
     @property
     def grade_number(self) -> int:
         return int(self.grade.removeprefix("grade"))
-
-    def categories(self) -> list[str]:
-        """The columns of the paper's table this problem counts in: subject, modality (TXT/IMG or NO), grade band."""
-        found = [SUBJECT_CODES[self.subject]] if self.subject in SUBJECT_CODES else []
-        found += [name for name, holds in (("TXT", self.has_text), ("IMG", self.has_image), ("NO", self.no_context))
-                  if holds]  # fmt: skip
-        found.append("G1-6" if self.grade_number <= 6 else "G7-12")
-        return found
 
 
 def load_problems(data_dir: Union[str, Path], split: str) -> list[ScienceQAProblem]:

@@ -81,4 +81,8 @@ def test_test_split_counts(assets: Path) -> None:
 def test_categories_agree_with_the_problem_metadata(assets: Path) -> None:
     for split in ("train", "val", "test"):
         for problem in load_problems(assets / "scienceqa", split):
-            assert categories(problem) == problem.categories()
+            cats = categories(problem)
+            assert ("TXT" in cats, "IMG" in cats, "NO" in cats) == (
+                problem.has_text, problem.has_image, problem.no_context
+            )
+            assert ("G1-6" in cats) == (problem.grade_number <= 6) != ("G7-12" in cats)
