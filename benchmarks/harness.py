@@ -86,6 +86,38 @@ def reset_peak_rss() -> bool:
 # ---- timing ----
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over the next `interval` seconds (NaN where /proc/stat is unreadable)."""
+    import time
+
+    try:
+        busy0, total0 = _cpu_ticks()
+        time.sleep(interval)
+        busy1, total1 = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (at most `max_wait` seconds) until other processes use under `threshold` of the CPUs; the last reading."""
+    import time
+
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy(2.0)
+    return busy
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
@@ -110,8 +142,18 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(module: str, args: Sequence[str], timeout: float = 3600) -> dict[str, Any]:
-    """Run `python -m module args` from the repository root; its result, or {"error": ...} naming what failed."""
+def run_child(module: str, args: Sequence[str], timeout: float = 3600, wait_idle: float = 0) -> dict[str, Any]:
+    """Run `python -m module args` from the repository root; its result, or {"error": ...} naming what failed.
+
+    With `wait_idle` > 0, first wait up to that many seconds for the other processes to leave the CPUs alone; the
+    result records how busy the machine was just before the child started (`cpu_busy_before`)."""
+    busy = wait_until_idle(wait_idle) if wait_idle > 0 else cpu_busy(0.5)
+    result = _run(module, args, timeout)
+    result["cpu_busy_before"] = busy
+    return result
+
+
+def _run(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]:
     command = [sys.executable, "-m", module, *args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     try:
@@ -135,6 +177,12 @@ def child_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
         elif value is not None:
             out += [f"--{name}", ",".join(value) if isinstance(value, list) else str(value)]
     return out
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait_idle", type=float, default=0,
+                        help="before each child, wait up to this many seconds for the CPUs to be idle (noisy machines)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
 def csv_list(text: str) -> list[str]:
@@ -185,6 +233,10 @@ def fmt_number(digits: int = 0) -> Callable[[Any], str]:
         return f"{value:,.{digits}f}"
 
     return fmt
+
+
+def fmt_percent(value: Any) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
 
 
 def fmt_ratio(value: Any) -> str:

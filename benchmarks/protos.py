@@ -9,10 +9,16 @@ Each prototype is a candidate change to lit_adapter itself, measured here before
 - complex_rope: RoPE as one complex multiplication (Meta's formulation) instead of select/stack on even/odd pairs.
 - norm_cast: RMSNorm casts its weight to the activation dtype, so float32 trainable norms work in a bf16 model
   (today the product promotes to float32 and the next bf16 linear fails).
+- compile: torch.compile every block (the prototype's own compile time is excluded by the warm-up steps).
+- lazy_visual: the memory and start-up time of lit_adapter.adapters if adapters/visual.py imported open_clip and
+  timm (with torchvision) only when a visual adapter is built. Emulated by placeholder modules: the text-only models
+  benchmarked here never touch them.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, Callable
 
 import torch
@@ -24,7 +30,11 @@ PROTOS = {
     "head_ce": "classifier + cross-entropy on supervised positions only, chunked, no full logits",
     "complex_rope": "RoPE as a complex multiplication",
     "norm_cast": "RMSNorm output in the activation dtype (float32 norms in a bf16 model)",
+    "compile": "torch.compile every block",
+    "lazy_visual": "open_clip / timm imported only when a visual adapter is built (emulated)",
 }
+VISUAL_MODULES = ("open_clip", "open_clip.model", "open_clip.transform", "open_clip.transformer", "open_clip.factory",
+                  "timm", "timm.models", "timm.models.vision_transformer")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -36,12 +46,35 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def patch_model_code(names: list[str]) -> None:
     """Swap functions of lit_adapter.model for the prototypes named (before the model is built)."""
+    if "lazy_visual" in names:
+        install_visual_placeholders()
     import lit_adapter.model as model_module
 
     if "complex_rope" in names:
         model_module.apply_rope = complex_rope
     if "norm_cast" in names:
         model_module.RMSNorm.forward = rms_norm_forward
+
+
+class _Placeholder(types.ModuleType):
+    """A module whose every attribute is a placeholder: enough for `from X import Y` and class bodies."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "list_models":
+            from lit_adapter.adapters.visual import TINY_CLIP_MODEL
+
+            return lambda: [TINY_CLIP_MODEL]  # makes visual.py's import-time registration a no-op
+        return type(name, (), {})
+
+
+def install_visual_placeholders() -> None:
+    """Stand-ins for open_clip and timm, unless lit_adapter.adapters is already imported (then it is too late)."""
+    if "lit_adapter.adapters.visual" in sys.modules:
+        return
+    for name in VISUAL_MODULES:
+        sys.modules.setdefault(name, _Placeholder(name))
 
 
 def complex_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,6 +92,9 @@ def rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def ours_loss(model: Any, names: list[str]) -> LossFn:
     """loss(input_ids, labels) for an AdapterModel, with the prototypes named (patch_model_code first)."""
+    if "compile" in names:
+        for block in model.llama.layers:
+            block.compile()
     if "head_ce" not in names:
         return lambda input_ids, labels: masked_cross_entropy(model(input_ids), labels)
     llama = model.llama

@@ -45,18 +45,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--adapter_len", type=int, default=10)
     parser.add_argument("--adapter_layers", type=int, default=6, help="V1 / PEFT adaption prompt: the top L layers")
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2, help="steps not timed (at least 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first builds the optimizer state)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     parser.add_argument("--runs", type=harness.csv_list, default=list(RUNS), help=f"subset of {list(RUNS)}")
     parser.add_argument("--precisions", type=harness.csv_list, default=list(PRECISIONS))
     parser.add_argument("--proto", type=harness.csv_list, default=[],
                         help=f"prototype optimisations on our side, comma separated, from {sorted(PROTOS)}")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved; step times are pooled")
+    harness.add_run_args(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
     unknown = [r for r in args.runs if r not in RUNS] + [p for p in args.precisions if p not in PRECISIONS]
     unknown += [p for p in args.proto if p not in PROTOS]
     if unknown:
@@ -118,23 +122,38 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     harness.reset_peak_rss()
     step, first_loss = training.first_step(model, loss_fn, batch, upcast, dtype, errors)
     harness.check_finite("loss", first_loss)
-    times, losses = training.time_steps(step, max(args.warmup - 1, 0), args.steps)
-    harness.check_finite("loss", losses[-1])
+    times = training.time_steps(step, max(args.warmup - 1, 0), args.steps)
+    harness.check_finite("loss", times["losses"][-1])
     return {
         "run": args.run, "side": side, "precision": args.precision, "errors": errors,
         "proto": args.proto if side == OURS else [],
         **training.trainable_summary(model),
-        "step_s": harness.median(times),
-        "step_s_all": [round(t, 4) for t in times],
-        "tokens_per_s": args.batch_size * args.seq_len / harness.median(times),
+        **training.timing_summary(times, args.batch_size * args.seq_len, args.threads),
         "rss_model_mb": rss_model,
         "peak_rss_mb": harness.peak_rss_mb(),
         "first_loss": first_loss,
-        "last_loss": losses[-1],
+        "last_loss": times["losses"][-1],
     }
 
 
 # ---- the parent: every configuration, the table ----
+
+
+def pool_rounds(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """One result from several rounds of the same configuration: step times pooled, the highest peak RSS."""
+    good = [r for r in rounds if "error" not in r]
+    if not good:
+        return rounds[0]
+    times = [t for r in good for t in r["step_s_all"]]
+    pooled = dict(good[0])
+    pooled.update(
+        rounds=len(good), step_s=harness.median(times), step_s_best=min(times), step_s_all=times,
+        tokens_per_s=tokens / harness.median(times), tokens_per_s_best=tokens / min(times),
+        cpu_use=sum(r["cpu_use"] for r in good) / len(good),
+        cpu_busy_before=max(r["cpu_busy_before"] for r in good),
+        peak_rss_mb=max(r["peak_rss_mb"] for r in good), rss_model_mb=max(r["rss_model_mb"] for r in good),
+    )
+    return pooled
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,6 +167,7 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rows.append({
                 "pair": f"{ours} / {reference}", "precision": precision,
                 "speed_ratio": harness.ratio(a["tokens_per_s"], b["tokens_per_s"]),
+                "speed_ratio_best": harness.ratio(a["tokens_per_s_best"], b["tokens_per_s_best"]),
                 "peak_rss_ratio": harness.ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
             })
     return rows
@@ -155,32 +175,38 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 RESULT_COLUMNS: list[harness.Column] = [
     ("run", "run", str), ("precision", "precision", str), ("trainable_params", "trainable", harness.fmt_number()),
-    ("tokens_per_s", "tokens/s (median)", harness.fmt_number()), ("step_s", "step s", harness.fmt_number(3)),
+    ("tokens_per_s", "tokens/s (median)", harness.fmt_number()),
+    ("tokens_per_s_best", "tokens/s (best)", harness.fmt_number()),
     ("peak_rss_mb", "peak RSS MiB", harness.fmt_number()), ("rss_model_mb", "RSS after build MiB",
                                                            harness.fmt_number()),
+    ("cpu_use", "CPU share", harness.fmt_percent), ("cpu_busy_before", "busy before", harness.fmt_percent),
 ]
 RATIO_COLUMNS: list[harness.Column] = [
     ("pair", "ours / reference", str), ("precision", "precision", str),
-    ("speed_ratio", "tokens/s ratio", harness.fmt_ratio), ("peak_rss_ratio", "peak RSS ratio", harness.fmt_ratio),
+    ("speed_ratio", "tokens/s ratio (median)", harness.fmt_ratio),
+    ("speed_ratio_best", "tokens/s ratio (best)", harness.fmt_ratio),
+    ("peak_rss_ratio", "peak RSS ratio", harness.fmt_ratio),
 ]
 
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
     machine = harness.machine_info()
-    results = []
-    for precision in args.precisions:
-        for run in args.runs:
-            print(f"[train_step] {run} {precision} ...", file=sys.stderr, flush=True)
+    configurations = [(run, precision) for precision in args.precisions for run in args.runs]
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in configurations}
+    for index in range(args.rounds):
+        for run, precision in configurations:
+            print(f"[train_step] round {index + 1}/{args.rounds}: {run} {precision} ...", file=sys.stderr, flush=True)
             flags = ["--child", "--run", run, "--precision", precision, *harness.child_args(args, CHILD_FLAGS)]
-            result = harness.run_child("benchmarks.train_step", flags)
+            result = harness.run_child("benchmarks.train_step", flags, wait_idle=args.wait_idle)
             result.setdefault("run", run)
             result.setdefault("precision", precision)
-            results.append(result)
+            rounds[(run, precision)].append(result)
+    results = [pool_rounds(rs, args.batch_size * args.seq_len) for rs in rounds.values()]
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "benchmark": "train_step",
         "machine": machine,
-        "settings": {name: getattr(args, name) for name in CHILD_FLAGS},
+        "settings": {name: getattr(args, name) for name in (*CHILD_FLAGS, "rounds", "wait_idle")},
         "results": results,
         "ratios": compare(results),
     }

@@ -45,9 +45,9 @@ def random_base(config: Any, dtype: torch.dtype, device: Any):
 
 def build_ours(config: Any, adapter_config: Any, dtype: torch.dtype, device: Any, protos: list[str]):
     """(AdapterModel, loss(input_ids, labels), trainable parameters upcast to float32 from `dtype`)."""
+    patch_model_code(protos)  # first: some prototypes must act before lit_adapter.adapters is imported
     from lit_adapter.adapters import build_adapter_model
 
-    patch_model_code(protos)
     model = build_adapter_model(random_base(config, dtype, device), adapter_config)
     upcast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in upcast:
@@ -65,7 +65,7 @@ def make_step(model: torch.nn.Module, loss_fn: LossFn, batch: dict) -> Callable[
         loss = loss_fn(batch["input_ids"], batch["labels"])
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -89,18 +89,31 @@ def first_step(model: torch.nn.Module, loss_fn: LossFn, batch: dict, upcast: lis
 
 
 def time_steps(step: Callable[[], float], warmup: int, steps: int,
-               sync: Optional[Callable[[], None]] = None) -> tuple[list[float], list[float]]:
-    """(times of the `steps` timed steps, every loss) after `warmup` untimed ones."""
+               sync: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """Wall and process CPU seconds of the `steps` timed steps after `warmup` untimed ones, and every loss."""
     sync = sync or (lambda: None)
-    times, losses = [], []
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "losses": []}
     for index in range(warmup + steps):
         sync()
-        start = time.perf_counter()
-        losses.append(step())
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out["losses"].append(step())
         sync()
         if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, losses
+            out["wall"].append(time.perf_counter() - start)
+            out["cpu"].append(time.process_time() - cpu_start)
+    return out
+
+
+def timing_summary(times: dict[str, list[float]], tokens: int, threads: int) -> dict[str, Any]:
+    """Median and best step time, tokens/s from each, and how much of `threads` cores the process got."""
+    from benchmarks import harness
+
+    wall = times["wall"]
+    return {
+        "step_s": harness.median(wall), "step_s_best": min(wall), "step_s_all": [round(t, 4) for t in wall],
+        "tokens_per_s": tokens / harness.median(wall), "tokens_per_s_best": tokens / min(wall),
+        "cpu_use": sum(times["cpu"]) / sum(wall) / threads,
+    }
 
 
 def trainable_summary(model: torch.nn.Module) -> dict[str, Any]:

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_float = x.float()
         normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return normed.type_as(x) * self.weight.to(x.dtype)  # a trained float32 weight keeps a bf16 stream in bf16
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -78,6 +78,8 @@ def run_cli(subcommand: str, argv: list[str]) -> AdapterCLI:
     with warnings.catch_warnings():
         # `lit-adapter fit ...` hands its own arguments over explicitly; LightningCLI would warn about sys.argv
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        # the frozen CLIP tower stays in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         return AdapterCLI(args=[subcommand, *argv])
 
 

@@ -4,10 +4,10 @@
   parameters share units.
 - The model is built on the meta device; FSDP materialises one unit at a time and shards it; then the base weights
   (and an `init_adapter`) are copied in unit by unit, so no process ever holds the whole model.
-- Precision: torch's FSDP (v1) flattens each unit into one tensor, which needs one dtype per unit. Parameters are
-  therefore STORED in float32 (sharded: 65B over 8 GPUs is 32.5 GB per GPU) and gathered, computed and stored in
-  activations in `compute_dtype` (bf16); gradients are reduced in float32, so trainable parameters and AdamW state
-  are float32. Run it with `trainer.precision: 32-true`.
+- Precision: torch's FSDP (v1) flattens each unit into one tensor, which needs one dtype per unit, so frozen bf16
+  weights and float32 trainable ones cannot share a block. Parameters are therefore STORED in float32 (sharded:
+  65B over 8 GPUs is 32.5 GB per GPU), gathered and computed in `compute_dtype` (bf16), and gradients are reduced in
+  float32: trainable parameters and AdamW state are float32. Run it with `trainer.precision: 32-true`.
 - The frozen CLIP tower is not sharded (FSDP ignores it); it is cast to the compute dtype.
 - Checkpoints gather only the trainable tensors (unit by unit), not the whole model.
 - Works on CPU too (gloo), which is how it is tested.
@@ -16,14 +16,20 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from safetensors import safe_open
 from torch import nn
 
+from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
+from lit_adapter.checkpoint import WEIGHTS_FILE, load_config
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import Block
+from lit_adapter.model import Block, LLaMA
+from lit_adapter.training.names import STATE_PREFIX, clean_name
+from lit_adapter.training.precision import default_dtype
 
 
 class AdapterFSDPStrategy(FSDPStrategy):
@@ -106,6 +112,34 @@ class AdapterFSDPStrategy(FSDPStrategy):
         self.lightning_module.check_trainable_keys(state.keys(), source=str(path))
         return super().load_checkpoint(path, weights_only)
 
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Lightning's full optimizer state, except that on CPU nothing is "offloaded": there torch's offload is a
+        no-op `.cpu()` that leaves every state (exp_avg, exp_avg_sq) a view of one reused gather buffer."""
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        offload = self.root_device.type != "cpu"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # FSDP.state_dict_type's deprecation notice
+            with FSDP.state_dict_type(
+                self.model,
+                StateDictType.FULL_STATE_DICT,
+                FullStateDictConfig(offload_to_cpu=offload and self.world_size > 1, rank0_only=True),
+                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+            ):
+                state = FSDP.optim_state_dict(self.model, optimizer)
+                if self.global_rank == 0:
+                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Only the trainable tensors, gathered unit by unit onto global rank 0 (other ranks get an empty dict)."""
         module = self.lightning_module
@@ -135,14 +169,8 @@ def _units(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _clean(name: str) -> str:
-    from lit_adapter.training.module import clean_name
-
-    return clean_name(name)
-
-
 def _full(prefix: str, name: str) -> str:
-    return _clean(f"{prefix}.{name}" if prefix else name)
+    return clean_name(f"{prefix}.{name}" if prefix else name)
 
 
 def gather_full_tensors(root: nn.Module, names: set[str], rank0_only: bool = False) -> dict[str, torch.Tensor]:
@@ -151,12 +179,13 @@ def gather_full_tensors(root: nn.Module, names: set[str], rank0_only: bool = Fal
 
     out: dict[str, torch.Tensor] = {}
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     for prefix, unit in _units(root):
         wanted = [(n, p) for n, p in own_parameters(unit) if _full(prefix, n) in names]
         if not wanted:
             continue
         context = FullyShardedDataParallel.summon_full_params(
-            unit, recurse=False, writeback=False, rank0_only=rank0_only, offload_to_cpu=True
+            unit, recurse=False, writeback=False, rank0_only=rank0_only, offload_to_cpu=sharded
         )
         with context:
             if rank == 0 or not rank0_only:
@@ -182,3 +211,50 @@ def load_full_tensors(root: nn.Module, tensors: Any) -> set[str]:
                 param.copy_(tensors[full])
                 loaded.add(full)
     return loaded
+
+
+class PrefixedTensors:
+    """A safetensors file seen with `prefix` before every key (read lazily, one tensor at a time)."""
+
+    def __init__(self, handle: Any, prefix: str) -> None:
+        self.handle, self.prefix = handle, prefix
+
+    def keys(self) -> list[str]:
+        return [self.prefix + key for key in self.handle.keys()]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key.removeprefix(self.prefix))
+
+
+def build_for_sharding(base_dir: Path, adapter_config: AdapterConfig) -> AdapterModel:
+    """Everything on the meta device but the frozen CLIP tower: FSDP materialises and shards the units, then
+    `load_after_sharding` copies the weights in."""
+    with torch.device("meta"), default_dtype(torch.float32):
+        model = build_adapter_model(LLaMA(load_config(base_dir)), adapter_config)
+    llama = model.llama
+    if llama.config.tie_embeddings:
+        # FSDP's meta-device materialisation makes a new tensor per module and would untie the classifier from
+        # the embedding: give the pair real (uninitialised) storage now; the weights are loaded after sharding
+        llama.tok_embeddings.to_empty(device="cpu")
+        llama.output.weight = llama.tok_embeddings.weight
+    if model.visual is not None:
+        from lit_adapter.adapters.visual import build_clip_encoder
+
+        with torch.device("cpu"), default_dtype(torch.float32):
+            model.visual.attach_encoder(build_clip_encoder(adapter_config.visual))
+    return model
+
+
+def load_after_sharding(root: nn.Module, base_dir: Path, init_adapter: Optional[str]) -> None:
+    """Copy the base weights (and an initial adapter) into the sharded model, one unit at a time."""
+    path = base_dir / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        loaded = load_full_tensors(root, PrefixedTensors(f, STATE_PREFIX + "llama."))
+        missing = [k for k in f.keys() if STATE_PREFIX + "llama." + k not in loaded]
+    if missing:
+        raise LitAdapterError(f"{path}: weight {missing[0]!r} has no place in the sharded model")
+    if init_adapter:
+        from lit_adapter.adapters.io import read_adapter
+
+        adapter = read_adapter(init_adapter, load_config(base_dir))
+        load_full_tensors(root, {STATE_PREFIX + k: v for k, v in adapter.tensors.items()})

@@ -17,29 +17,28 @@ Under DDP a step leaves some trainable parameters unused, so DDP needs `find_unu
 from __future__ import annotations
 
 import fnmatch
-import resource
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
 from lit_adapter.adapters.groups import parameter_groups
 from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, load_model, save_yaml, tokenizer_path
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import Block, LLaMA, RMSNorm
+from lit_adapter.model import Block
 from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
+from lit_adapter.training.loss import masked_cross_entropy
+from lit_adapter.training.names import STATE_PREFIX, clean_name
+from lit_adapter.training.optim import decay_groups, initialise_adamw_state
+from lit_adapter.training.precision import default_dtype, trainable_to_float32
+from lit_adapter.training.report import format_summary, peak_memory_gb
 from lit_adapter.training.schedule import resolve_warmup_steps, warmup_cosine
 
-IGNORE_INDEX = -100
 SOURCE_GROUP = {CAPTION: "visual", INSTRUCTION: "language"}
-WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-STATE_PREFIX = "model."
 
 
 def resolve_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
@@ -51,61 +50,20 @@ def resolve_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir)
 
 
-def clean_name(name: str) -> str:
-    """A parameter name without the infixes that FSDP, activation checkpointing or torch.compile insert."""
-    for infix in WRAPPER_INFIXES:
-        name = name.replace(infix, "")
-    return name
+def check_ddp_settings(module: LightningModule) -> None:
+    """Instruction batches leave the visual adapter without gradients: plain DDP would stop at the second step with
+    a long message; say what to set instead."""
+    from lightning.pytorch.strategies import DDPStrategy
 
-
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of supervised tokens): logits at t predict labels at t+1; -100 is ignored."""
-    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (targets != IGNORE_INDEX).sum()
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _output_in_input_dtype(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.to(inputs[0].dtype)
-
-
-def keep_norm_outputs_in_input_dtype(model: torch.nn.Module) -> None:
-    """RMSNorm multiplies by its weight without casting it, so a float32 trained norm would turn bf16 activations
-    into float32 (and the next frozen bf16 linear would fail): cast such a norm's output back to its input's dtype."""
-    for module in model.modules():
-        if isinstance(module, RMSNorm) and module.weight.requires_grad:
-            module.register_forward_hook(_output_in_input_dtype)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory allocated (CUDA), else the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
-
-
-class PrefixedTensors:
-    """A safetensors file seen with `prefix` before every key (read lazily, one tensor at a time)."""
-
-    def __init__(self, handle: Any, prefix: str) -> None:
-        self.handle, self.prefix = handle, prefix
-
-    def keys(self) -> list[str]:
-        return [self.prefix + key for key in self.handle.keys()]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key.removeprefix(self.prefix))
+    strategy = module.trainer.strategy
+    parts = getattr(module.trainer.datamodule, "parts", {})
+    if not isinstance(strategy, DDPStrategy) or module.model.visual is None or INSTRUCTION not in parts:
+        return
+    if not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise LitAdapterError(
+            "instruction batches leave the visual adapter unused, which DDP rejects: set "
+            "trainer.strategy: ddp_find_unused_parameters_true"
+        )
 
 
 class LitAdapterModule(LightningModule):
@@ -161,6 +119,7 @@ class LitAdapterModule(LightningModule):
         self._train_seconds = 0.0
         self._batch_start: Optional[float] = None
         self.group_sizes: dict[str, int] = {}
+        self.exported_to: Optional[Path] = None
 
     # ---- the model ----
 
@@ -180,7 +139,9 @@ class LitAdapterModule(LightningModule):
         if self.model is not None:
             return
         if self._sharded():
-            model = self._build_for_sharding()
+            from lit_adapter.training.fsdp import build_for_sharding
+
+            model = build_for_sharding(self.base_dir, self.adapter_config)
         else:
             # The strategy's init context decides device and dtype: the frozen weights load straight into them (the
             # model is built on the meta device and the weights are assigned, so there is one copy in memory).
@@ -194,43 +155,17 @@ class LitAdapterModule(LightningModule):
         self._apply_trainable_patterns()
         groups = parameter_groups(model)
         self.group_sizes = {name: sum(p.numel() for _, p in params) for name, params in groups.items()}
-        self._trainable_to_float32()
-        keep_norm_outputs_in_input_dtype(model)
+        trainable_to_float32(self)
         if self.hparams.activation_checkpointing and not self._sharded():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(model.llama, check_fn=lambda module: isinstance(module, Block))
 
-    def _build_for_sharding(self) -> AdapterModel:
-        """Everything on the meta device but the frozen CLIP tower: FSDP materialises and shards the units, then
-        `after_sharding` copies the weights in."""
-        with torch.device("meta"), default_dtype(torch.float32):
-            model = build_adapter_model(LLaMA(load_config(self.base_dir)), self.adapter_config)
-        if model.visual is not None:
-            from lit_adapter.adapters.visual import build_clip_encoder
-
-            with torch.device("cpu"), default_dtype(torch.float32):
-                model.visual.attach_encoder(build_clip_encoder(self.adapter_config.visual))
-        return model
-
     def after_sharding(self, root: torch.nn.Module) -> None:
         """Called by AdapterFSDPStrategy once the model is sharded: load the base weights (and init_adapter)."""
-        from safetensors import safe_open
+        from lit_adapter.training.fsdp import load_after_sharding
 
-        from lit_adapter.checkpoint import WEIGHTS_FILE
-        from lit_adapter.training.fsdp import load_full_tensors
-
-        path = self.base_dir / WEIGHTS_FILE
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            loaded = load_full_tensors(root, PrefixedTensors(f, STATE_PREFIX + "llama."))
-            missing = [k for k in f.keys() if STATE_PREFIX + "llama." + k not in loaded]
-        if missing:
-            raise LitAdapterError(f"{path}: weight {missing[0]!r} has no place in the sharded model")
-        if self.hparams.init_adapter:
-            from lit_adapter.adapters.io import read_adapter
-
-            adapter = read_adapter(self.hparams.init_adapter, load_config(self.base_dir))
-            load_full_tensors(root, {STATE_PREFIX + k: v for k, v in adapter.tensors.items()})
+        load_after_sharding(root, self.base_dir, self.hparams.init_adapter)
 
     def _sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -260,12 +195,6 @@ class LitAdapterModule(LightningModule):
         assert self.model is not None
         return [STATE_PREFIX + clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def _trainable_to_float32(self) -> None:
-        """Trainable weights taken from the base (e.g. trained norms) were loaded in the frozen dtype."""
-        for param in self.parameters():
-            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.float()
-
     def to(self, *args: Any, **kwargs: Any) -> LitAdapterModule:
         """Move/cast as nn.Module does, but keep trainable parameters in float32 (see the module docstring)."""
         keep = {p: p.data for p in self.parameters() if p.requires_grad and p.dtype == torch.float32}
@@ -273,7 +202,7 @@ class LitAdapterModule(LightningModule):
         for param, data in keep.items():
             if param.dtype != torch.float32:
                 param.data = data.to(param.device)
-        self._trainable_to_float32()
+        trainable_to_float32(self)
         return self
 
     def forward(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -322,14 +251,11 @@ class LitAdapterModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        if not decay and not no_decay:
+        groups = decay_groups(self.model.named_parameters(), hp.weight_decay)
+        if not groups:
             raise LitAdapterError("no trainable parameters: check the adapter config and `trainable`")
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        initialise_adamw_state(optimizer)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, -(-self.trainer.num_training_batches // self.trainer.accumulate_grad_batches))
         if self.trainer.num_training_batches == float("inf"):
@@ -337,6 +263,9 @@ class LitAdapterModule(LightningModule):
         warmup = resolve_warmup_steps(hp.warmup_steps, hp.warmup_epochs, steps_per_epoch, total)
         scheduler = warmup_cosine(optimizer, warmup, total, hp.min_lr / hp.learning_rate if hp.learning_rate else 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        check_ddp_settings(self)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -379,7 +308,10 @@ class LitAdapterModule(LightningModule):
         if self.trainer.sanity_checking:
             self.initial_val_loss = val_loss
             if self.trainer.is_global_zero:
-                print(f"validation loss before training: {val_loss:.4f}", flush=True)
+                parts = ", ".join(f"{source} {float(s[0] / s[1]):.4f}" for source, s in losses.items())
+                limit = self.trainer.num_sanity_val_steps
+                scope = "" if limit == float("inf") else f"; first {limit} batches of each set"
+                print(f"validation loss before training: {val_loss:.4f} ({parts}{scope})", flush=True)
             return
         self.last_val_loss = val_loss
         self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
@@ -453,18 +385,4 @@ class LitAdapterModule(LightningModule):
         }
 
     def summary(self) -> str:
-        figures = self.run_figures()
-        params = figures["trainable_parameters"]
-        lines = [
-            "training summary",
-            f"  trainable parameters: {sum(params.values()):,} "
-            f"({', '.join(f'{name} {count:,}' for name, count in params.items())})",
-            f"  optimizer steps: {figures['optimizer_steps']}",
-            f"  throughput: {figures['tokens_per_second']:,.0f} tokens/s",
-            f"  peak memory: {figures['peak_memory_gb']:.2f} GB",
-        ]
-        if figures["val_loss_before"] is not None or figures["val_loss_after"] is not None:
-            lines.append(f"  validation loss: {figures['val_loss_before']} -> {figures['val_loss_after']}")
-        exported = getattr(self, "exported_to", None)
-        lines.append(f"  adapter: {exported}" if exported else "  adapter: not exported")
-        return "\n".join(lines)
+        return format_summary(self.run_figures(), self.exported_to)

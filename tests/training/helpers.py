@@ -25,13 +25,23 @@ REPO = Path(__file__).resolve().parents[2]
 WORDS = ["cat", "dog", "sun", "tree", "ball", "cake", "bird", "fish", "frog", "star", "moon", "boat"]
 
 
-def tiny_visual() -> VisualConfig:
-    return VisualConfig(clip_model=TINY_CLIP_MODEL, clip_pretrained=None, visual_len=3, n_blocks=1, block_heads=2)
+def tiny_visual(clip_weights: Optional[Path] = None) -> VisualConfig:
+    """The tiny open_clip tower: random weights, or those of `clip_weights` (the same in every process)."""
+    weights = str(clip_weights) if clip_weights is not None else None
+    return VisualConfig(clip_model=TINY_CLIP_MODEL, clip_pretrained=weights, visual_len=3, n_blocks=1, block_heads=2)
 
 
-def tiny_adapter(visual: bool = True) -> AdapterConfig:
+def tiny_adapter(visual: bool = True, clip_weights: Optional[Path] = None) -> AdapterConfig:
     """V2 (paper bias/scale, norms) with early-fused visual prompts on stories260K."""
-    return AdapterConfig.v2(adapter_len=4, visual=tiny_visual() if visual else None)
+    return AdapterConfig.v2(adapter_len=4, visual=tiny_visual(clip_weights) if visual else None)
+
+
+def write_tiny_clip_weights(path: Path, seed: int = 0) -> Path:
+    import open_clip
+
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model(TINY_CLIP_MODEL).state_dict(), path)
+    return path
 
 
 def write_instructions(path: Path, count: int = 24) -> Path:
@@ -131,9 +141,12 @@ class SaveRankState(Callback):
         torch.save(trainable_state(pl_module.model), Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
-def fit_config(root: Path, checkpoint_dir: Path, instructions: Path, max_steps: int, **trainer: Any) -> dict:
+def fit_config(
+    root: Path, checkpoint_dir: Path, instructions: Path, max_steps: int, clip_weights: Optional[Path] = None,
+    **trainer: Any,
+) -> dict:
     """A `lit-adapter fit` config for the tiny joint setup."""
-    visual = tiny_visual()
+    visual = tiny_visual(clip_weights)
     return {
         "seed_everything": 7,
         "trainer": {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,17 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "nope" in err[-1] and "checkpoint folder not found" in err[-1]
+
+
+@pytest.mark.parametrize("script", ["adapter_v1", "adapter_v2", "demo"])
+def test_finetune_recipes_run_the_cli_with_their_config(
+    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(sys, "argv", [script, "--print_config"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "finetune" / f"{script}.py"), run_name="__main__")
+    assert done.value.code == 0
+    config = {"adapter_v1": "llama7b_v1_alpaca", "adapter_v2": "llama7b_v2_joint", "demo": "demo"}[script]
+    written = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["default_root_dir"] == written["trainer"]["default_root_dir"]

@@ -102,7 +102,7 @@ def test_each_step_updates_exactly_its_own_group(stories260k_dir: Path, instruct
     trainer.fit(lit, datamodule=helpers.joint_data(instructions))
     assert snapshots.sources == ["instruction", "caption", "instruction", "caption"]
     expected = {"instruction": groups["language"], "caption": groups["visual"]}
-    for before, after, source in zip(snapshots.states, snapshots.states[1:], snapshots.sources, strict=True):
+    for before, after, source in zip(snapshots.states[:-1], snapshots.states[1:], snapshots.sources, strict=True):
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         assert changed == expected[source], source
     optimizer = trainer.optimizers[0]

@@ -1,0 +1,35 @@
+"""What a run reports: peak memory, and the summary printed at the end of fit."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident memory (CPU runs)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def format_summary(figures: dict[str, Any], exported: Optional[Path]) -> str:
+    """The lines printed at the end of fit, from LitAdapterModule.run_figures()."""
+    params = figures["trainable_parameters"]
+    lines = [
+        "training summary",
+        f"  trainable parameters: {sum(params.values()):,} "
+        f"({', '.join(f'{name} {count:,}' for name, count in params.items())})",
+        f"  optimizer steps: {figures['optimizer_steps']}",
+        f"  throughput: {figures['tokens_per_second']:,.0f} tokens/s",
+        f"  peak memory: {figures['peak_memory_gb']:.2f} GB",
+    ]
+    if figures["val_loss_before"] is not None or figures["val_loss_after"] is not None:
+        before, after = (f"{v:.4f}" if v is not None else "-" for v in (figures["val_loss_before"],
+                                                                       figures["val_loss_after"]))
+        lines.append(f"  validation loss: {before} -> {after}")
+    lines.append(f"  adapter: {exported}" if exported else "  adapter: not exported")
+    return "\n".join(lines)
