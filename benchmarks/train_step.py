@@ -105,7 +105,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks import training
+    from benchmarks.protos import patch_model_code
 
+    if RUNS[args.run] == OURS:
+        patch_model_code(args.proto)  # before lit_adapter.adapters is imported
     harness.set_threads(args.threads)
     torch.manual_seed(0)
     side, dtype = RUNS[args.run], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]

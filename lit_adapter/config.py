@@ -51,10 +51,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model config") -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LitAdapterError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, data, source)
         return cls(**data)
 
     @classmethod
@@ -72,6 +69,14 @@ class ModelConfig:
         derived_only = ("name", "max_seq_len", "multiple_of", "ffn_dim_multiplier")
         arch = {k: v for k, v in self.to_dict().items() if k not in derived_only}
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_known_keys(cls: type, data: dict[str, Any], source: str) -> None:
+    """Fail with one line naming the unknown keys of a config mapping meant for the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LitAdapterError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(known)}")
 
 
 def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:

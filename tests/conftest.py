@@ -24,6 +24,14 @@ def _assets_root() -> Path:
     return Path(root)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Demo data and tokenised caches go to a per-session temporary folder, never to ~/.cache."""
+    root = tmp_path_factory.getbasetemp() / "lit-adapter-cache"
+    monkeypatch.setenv("LIT_ADAPTER_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     """The shared assets folder (see its README): stories260K, Alpaca records, ScienceQA sample."""

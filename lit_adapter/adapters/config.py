@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from lit_adapter.adapters.visual import VisualConfig
-from lit_adapter.config import ModelConfig
+from lit_adapter.config import ModelConfig, check_known_keys
 from lit_adapter.errors import LitAdapterError
 
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -132,10 +132,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LitAdapterError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, data, source)
         try:
             return cls(**data)
         except LitAdapterError as err:

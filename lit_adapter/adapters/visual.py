@@ -29,6 +29,7 @@ from open_clip.transformer import VisionTransformer
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from lit_adapter.config import check_known_keys
 from lit_adapter.errors import LitAdapterError
 
 TINY_CLIP_MODEL = "lit-adapter-tiny-vit"
@@ -153,10 +154,7 @@ class VisualConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "visual config") -> VisualConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LitAdapterError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, data, source)
         return cls(**data)
 
 

@@ -10,14 +10,6 @@ from PIL import Image
 from lit_adapter.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Demo data and tokenised caches go to a per-session temporary folder, never to ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "lit-adapter-cache"
-    monkeypatch.setenv("LIT_ADAPTER_CACHE", str(root))
-    return root
-
-
 @pytest.fixture(scope="session")
 def tok_path(assets: Path) -> Path:
     return assets / "stories260K" / "tok512.model"
