@@ -56,19 +56,30 @@ class AdapterModel(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         prefix_input: Optional[torch.Tensor] = None,
+        has_image: Optional[torch.Tensor] = None,
         **llama_kwargs,
     ) -> torch.Tensor:
         """Logits [B, T, vocab]. `images` [B, 3, H, W] are encoded into visual tokens; `prefix_input` passes
-        already encoded visual tokens (e.g. once per generation)."""
+        already encoded visual tokens (e.g. once per generation). `has_image` [B] (bool): rows marked False get no
+        visual prompt, exactly as if run without an image (their `images` rows are placeholders)."""
         if images is not None:
-            prefix_input = self.encode_images(images)
+            prefix_input = self.encode_images(images, has_image)
         return self.llama(input_ids, input_pos=input_pos, prefix_input=prefix_input, mask=mask, **llama_kwargs)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> visual tokens [B, visual_len or 1, dim]."""
+    def encode_images(self, images: torch.Tensor, has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images [B, 3, H, W] -> visual tokens [B, visual_len or 1, dim]; rows where `has_image` is False get
+        all-zero tokens, which the prompts treat as "no image" (see `GatedPrompt`)."""
         if self.visual is None:
             raise LitAdapterError("this adapter has no visual encoder: it takes no images (drop the image input)")
-        return self.visual(images)
+        tokens = self.visual(images)
+        if has_image is None:
+            return tokens
+        if has_image.shape != tokens.shape[:1]:
+            raise LitAdapterError(f"has_image must have one flag per image: shape {list(has_image.shape)} for "
+                                  f"{tokens.shape[0]} images")
+        # every row still goes through the encoder, so the visual parameters are used on every batch (DDP)
+        keep = has_image.to(device=tokens.device, dtype=torch.bool).view(-1, 1, 1)
+        return torch.where(keep, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
 
     def set_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> None:
         self.llama.set_kv_cache(batch_size, max_len, device, dtype)

@@ -9,6 +9,7 @@ as the frozen model. The prompts of a layer:
 - static: K learned tokens (V1, V2); under late fusion the visual tokens are added to them (official V2 code, V1
   multimodal with one global token repeated over the K positions);
 - visual: under early fusion (V2 paper), the visual tokens are a prompt of their own, with their own gate.
+A row of all-zero visual tokens means "no image" and gets no visual contribution under either fusion.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class GatedPrompt(nn.Module):
         for name, (keys, values) in prompt_kv.items():
             gate = self.gate if name == "static" else self.visual_gate
             part = gate_activation(self.activation, gate).to(q.dtype) * attend(q, keys, values)
+            if name == "visual" and prefix_input is not None:
+                part = part * image_rows(prefix_input, q.dtype)
             term = part if term is None else term + part
         if term is None:  # e.g. a visual-only layer called without an image
             return torch.zeros_like(q)
@@ -118,6 +121,13 @@ class GatedPrompt(nn.Module):
         if isinstance(module, AdaptedLinear):
             return module(tokens, lora=self.prompt_kv_lora)
         return module(tokens)
+
+
+def image_rows(visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, 1]: 0 for a row whose visual tokens are all zero ("no image", see `AdapterModel.encode_images`),
+    else 1. Late fusion needs no mask (adding zero leaves the prompt as it is), but an early-fusion visual prompt of
+    zero tokens would still attend to wv's bias."""
+    return visual.ne(0).flatten(1).any(dim=1).to(dtype).view(-1, 1, 1, 1)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -311,7 +311,8 @@ class _RandomInitNotice(logging.Filter):
 
 @contextmanager
 def _quiet_random_init(active: bool) -> Iterator[None]:
-    """Hides open_clip's "initialized randomly" notice while the weights come from a local file loaded just after."""
+    """Hides open_clip's "initialized randomly" notice where that is intended: weights from a local file loaded
+    just after, or the tiny test tower."""
     notice = _RandomInitNotice()
     if active:
         logging.getLogger().addFilter(notice)
@@ -329,7 +330,7 @@ def build_clip_encoder(config: VisualConfig, device: Optional[torch.device | str
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) or bool(
         local and _is_torchscript(local)
     )
-    with torch.device(device or "cpu"), _quiet_random_init(local is not None):
+    with torch.device(device or "cpu"), _quiet_random_init(local is not None or name == TINY_CLIP_MODEL):
         try:
             model = open_clip.create_model(
                 name,

@@ -264,11 +264,15 @@ class JointDataModule(LightningDataModule):
 
 
 def check_visual_settings(name: str, part: Any, module: Any) -> None:
-    """A caption module must transform images for the CLIP model the adapter encodes them with."""
+    """Image data needs a visual encoder, and must transform images for the CLIP model the adapter encodes them
+    with."""
     visual = getattr(getattr(module, "adapter_config", None), "visual", None)
     if visual is None:
         if name == CAPTION:
             raise LitAdapterError("caption data needs a visual encoder: set model.adapter.visual (a VisualConfig)")
+        if getattr(part, "image_dir", None) is not None:
+            raise LitAdapterError(f"data.{name}.image_dir is set but the adapter has no visual encoder: set "
+                                  "model.adapter.visual (a VisualConfig) or drop image_dir")
         return
     for key in ("clip_model", "image_size"):
         if hasattr(part, key) and getattr(part, key) != getattr(visual, key):

@@ -50,19 +50,46 @@ def resolve_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir)
 
 
+def yields_images(source: str, part: Any) -> bool:
+    """Caption data always carries images; instruction data only with an image folder (e.g. ScienceQA)."""
+    return source == CAPTION or getattr(part, "image_dir", None) is not None
+
+
+def batch_source(batch: dict[str, Any]) -> str:
+    """The source the joint data module tagged the batch with; untagged, caption data is told by its images
+    (instruction data with images, e.g. ScienceQA, flags its rows with `has_image`)."""
+    if batch.get(SOURCE_KEY):
+        return batch[SOURCE_KEY]
+    return CAPTION if "images" in batch and "has_image" not in batch else INSTRUCTION
+
+
 def check_ddp_settings(module: LightningModule) -> None:
-    """Instruction batches leave the visual adapter without gradients: plain DDP would stop at the second step with
-    a long message; say what to set instead."""
+    """Text-only instruction batches leave the visual adapter without gradients: plain DDP would stop at the second
+    step with a long message; say what to set instead."""
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy = module.trainer.strategy
     parts = getattr(module.trainer.datamodule, "parts", {})
-    if not isinstance(strategy, DDPStrategy) or module.model.visual is None or INSTRUCTION not in parts:
+    text_only = any(not yields_images(name, part) for name, part in parts.items())
+    if not isinstance(strategy, DDPStrategy) or module.model.visual is None or not text_only:
         return
     if not strategy._ddp_kwargs.get("find_unused_parameters", False):
         raise LitAdapterError(
             "instruction batches leave the visual adapter unused, which DDP rejects: set "
             "trainer.strategy: ddp_find_unused_parameters_true"
+        )
+
+
+def check_routing(module: LightningModule) -> None:
+    """With route_groups, instruction batches train only the language group: instruction data with images (e.g.
+    ScienceQA) would never train the visual adapter."""
+    instruction = getattr(module.trainer.datamodule, "parts", {}).get(INSTRUCTION)
+    if not module.hparams.route_groups or module.model.visual is None or instruction is None:
+        return
+    if yields_images(INSTRUCTION, instruction):
+        raise LitAdapterError(
+            "the instruction data carries images, but route_groups lets instruction batches train only the "
+            "language parameters, so the visual adapter would never train: set model.route_groups: false"
         )
 
 
@@ -205,15 +232,18 @@ class LitAdapterModule(LightningModule):
         trainable_to_float32(self)
         return self
 
-    def forward(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.model(input_ids, images=images)
+    def forward(
+        self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None, has_image: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return self.model(input_ids, images=images, has_image=has_image)
 
     # ---- training ----
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        source = batch.get(SOURCE_KEY) or (CAPTION if "images" in batch else INSTRUCTION)
+        source = batch_source(batch)
         self._window_sources.add(source)
-        total, count = masked_cross_entropy(self(batch["input_ids"], batch.get("images")), batch["labels"])
+        logits = self(batch["input_ids"], batch.get("images"), batch.get("has_image"))
+        total, count = masked_cross_entropy(logits, batch["labels"])
         loss = total / count.clamp(min=1)
         self._check_finite(loss)
         self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -266,6 +296,7 @@ class LitAdapterModule(LightningModule):
 
     def on_fit_start(self) -> None:
         check_ddp_settings(self)
+        check_routing(self)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -284,11 +315,18 @@ class LitAdapterModule(LightningModule):
     # ---- validation ----
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        source = CAPTION if "images" in batch else INSTRUCTION
-        total, count = masked_cross_entropy(self(batch["input_ids"], batch.get("images")), batch["labels"])
+        source = self._val_source(dataloader_idx) or batch_source(batch)
+        logits = self(batch["input_ids"], batch.get("images"), batch.get("has_image"))
+        total, count = masked_cross_entropy(logits, batch["labels"])
         sums = self._val_sums.setdefault(source, [0.0, 0.0])
         sums[0] += float(total)
         sums[1] += float(count)
+
+    def _val_source(self, dataloader_idx: int) -> Optional[str]:
+        """The source of a validation loader, as the joint data module lists them (images alone do not tell: ScienceQA
+        instruction batches carry images too)."""
+        sources = getattr(self.trainer.datamodule, "val_sources", None)
+        return sources[dataloader_idx] if sources and dataloader_idx < len(sources) else None
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
