@@ -51,12 +51,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--precisions", type=harness.csv_list, default=list(PRECISIONS))
     parser.add_argument("--proto", type=harness.csv_list, default=[],
                         help=f"prototype optimisations on our side, from {sorted(PROTOS)}")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved; the least disturbed round counts")
+    harness.add_run_args(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--repeats and --rounds must be at least 1, --warmup at least 0")
     unknown = [r for r in args.runs if r not in RUNS] + [p for p in args.precisions if p not in PRECISIONS]
     unknown += [p for p in args.proto if p not in PROTOS]
     if unknown:
@@ -216,7 +220,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         new_tokens = sum(len(row) for row in tokens)
         result["batches"][str(batch_size)] = {
             "seconds": harness.median(times), "seconds_all": [round(t, 4) for t in times],
-            "new_tokens": new_tokens, "tokens_per_s": new_tokens / harness.median(times), "tokens": tokens,
+            "new_tokens": new_tokens, "tokens_per_s": new_tokens / harness.median(times),
+            "tokens_per_s_best": new_tokens / min(times), "tokens": tokens,
         }
     result["peak_rss_mb"] = harness.peak_rss_mb()
     return result
@@ -240,7 +245,9 @@ def rows_and_ratios(results: list[dict[str, Any]]) -> tuple[list[dict], list[dic
     for r in results:
         for batch, b in r.get("batches", {}).items():
             rows.append({"run": r["run"], "precision": r["precision"], "batch": batch,
-                         "tokens_per_s": b["tokens_per_s"], "seconds": b["seconds"], "peak_rss_mb": r["peak_rss_mb"]})
+                         "tokens_per_s": b["tokens_per_s"], "tokens_per_s_best": b["tokens_per_s_best"],
+                         "seconds": b["seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                         "cpu_busy_before": b.get("cpu_busy_before", r.get("cpu_busy_before"))})
     by_key = {(r["run"], r["precision"]): r for r in results if "batches" in r}
     ratios = []
     for precision in PRECISIONS:
@@ -254,41 +261,62 @@ def rows_and_ratios(results: list[dict[str, Any]]) -> tuple[list[dict], list[dic
                 x, y = a["batches"][batch], b["batches"][batch]
                 ratios.append({"pair": f"{ours} / {peer}", "precision": precision, "batch": batch,
                                "speed_ratio": harness.ratio(x["tokens_per_s"], y["tokens_per_s"]),
+                               "speed_ratio_best": harness.ratio(x["tokens_per_s_best"], y["tokens_per_s_best"]),
                                "greedy_agreement": agreement(x["tokens"], y["tokens"])})
     return rows, ratios
 
 
 RESULT_COLUMNS: list[harness.Column] = [
     ("run", "run", str), ("precision", "precision", str), ("batch", "batch", str),
-    ("tokens_per_s", "new tokens/s (median)", harness.fmt_number(1)), ("seconds", "s / generation",
-                                                                       harness.fmt_number(2)),
-    ("peak_rss_mb", "peak RSS MiB", harness.fmt_number()),
+    ("tokens_per_s", "new tokens/s (median)", harness.fmt_number(1)),
+    ("tokens_per_s_best", "new tokens/s (best)", harness.fmt_number(1)),
+    ("seconds", "s / generation", harness.fmt_number(2)), ("peak_rss_mb", "peak RSS MiB", harness.fmt_number()),
+    ("cpu_busy_before", "busy before", harness.fmt_percent),
 ]
 RATIO_COLUMNS: list[harness.Column] = [
     ("pair", "ours / reference", str), ("precision", "precision", str), ("batch", "batch", str),
-    ("speed_ratio", "tokens/s ratio", harness.fmt_ratio),
+    ("speed_ratio", "tokens/s ratio (median)", harness.fmt_ratio),
+    ("speed_ratio_best", "tokens/s ratio (best)", harness.fmt_ratio),
     ("greedy_agreement", "same greedy tokens", lambda v: f"{100 * v:.0f}%"),
 ]
 
 
+def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds of the same configuration: per batch size, the least disturbed round (lowest
+    median time), with every round's median and the highest peak RSS."""
+    good = [r for r in rounds if "error" not in r]
+    if not good:
+        return rounds[0]
+    pooled = dict(good[0], rounds=len(good), peak_rss_mb=max(r["peak_rss_mb"] for r in good), batches={})
+    for batch in good[0]["batches"]:
+        best = min(good, key=lambda r: r["batches"][batch]["seconds"])
+        pooled["batches"][batch] = dict(best["batches"][batch],
+                                        seconds_rounds=[r["batches"][batch]["seconds"] for r in good],
+                                        cpu_busy_before=best["cpu_busy_before"])
+    return pooled
+
+
 def parent(args: argparse.Namespace) -> dict[str, Any]:
     machine = harness.machine_info()
-    results = []
+    configurations = [(run, precision) for precision in args.precisions for run in args.runs]
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in configurations}
     with tempfile.TemporaryDirectory(prefix="lit-adapter-bench-") as folder:
         write_weights(args, Path(folder))
-        for precision in args.precisions:
-            for run in args.runs:
-                print(f"[generate] {run} {precision} ...", file=sys.stderr, flush=True)
+        for index in range(args.rounds):
+            for run, precision in configurations:
+                print(f"[generate] round {index + 1}/{args.rounds}: {run} {precision} ...", file=sys.stderr,
+                      flush=True)
                 flags = ["--child", "--run", run, "--precision", precision, "--weights", folder,
                          *harness.child_args(args, CHILD_FLAGS)]
-                result = harness.run_child("benchmarks.generate", flags)
+                result = harness.run_child("benchmarks.generate", flags, wait_idle=args.wait_idle)
                 result.setdefault("run", run)
                 result.setdefault("precision", precision)
-                results.append(result)
+                rounds[(run, precision)].append(result)
+    results = [pool_rounds(rs) for rs in rounds.values()]
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     rows, ratios = rows_and_ratios(results)
     report = {"benchmark": "generate", "machine": machine,
-              "settings": {name: getattr(args, name) for name in CHILD_FLAGS},
+              "settings": {name: getattr(args, name) for name in (*CHILD_FLAGS, "rounds", "wait_idle")},
               "results": results, "rows": rows, "ratios": ratios}
     print(harness.format_table(rows, RESULT_COLUMNS))
     print()

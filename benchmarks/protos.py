@@ -10,6 +10,8 @@ Each prototype is a candidate change to lit_adapter itself, measured here before
 - norm_cast: RMSNorm casts its weight to the activation dtype, so float32 trainable norms work in a bf16 model
   (today the product promotes to float32 and the next bf16 linear fails).
 - compile: torch.compile every block (the prototype's own compile time is excluded by the warm-up steps).
+- swiglu: the SwiGLU product as one autograd function that keeps only w1 x and w3 x for backward (silu is
+  recomputed), instead of three [tokens, hidden] tensors.
 - lazy_visual: the memory and start-up time of lit_adapter.adapters if adapters/visual.py imported open_clip and
   timm (with torchvision) only when a visual adapter is built. Emulated by placeholder modules: the text-only models
   benchmarked here never touch them.
@@ -31,6 +33,7 @@ PROTOS = {
     "complex_rope": "RoPE as a complex multiplication",
     "norm_cast": "RMSNorm output in the activation dtype (float32 norms in a bf16 model)",
     "compile": "torch.compile every block",
+    "swiglu": "SwiGLU as one autograd function saving two tensors instead of three",
     "lazy_visual": "open_clip / timm imported only when a visual adapter is built (emulated)",
 }
 VISUAL_MODULES = ("open_clip", "open_clip.model", "open_clip.transform", "open_clip.transformer", "open_clip.factory",
@@ -54,6 +57,8 @@ def patch_model_code(names: list[str]) -> None:
         model_module.apply_rope = complex_rope
     if "norm_cast" in names:
         model_module.RMSNorm.forward = rms_norm_forward
+    if "swiglu" in names:
+        model_module.FeedForward.forward = swiglu_forward
 
 
 class _Placeholder(types.ModuleType):
@@ -90,6 +95,26 @@ def rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return normed.type_as(x) * self.weight.to(x.dtype)
 
 
+def swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.w2(SwiGLU.apply(self.w1(x), self.w3(x)))
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(a) * b, saving a and b only."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        sig = torch.sigmoid(a)
+        grad_a = grad * b * sig * (1 + a * (1 - sig))  # d silu(a) / da = sig * (1 + a (1 - sig))
+        return grad_a, grad * (a * sig)
+
+
 def ours_loss(model: Any, names: list[str]) -> LossFn:
     """loss(input_ids, labels) for an AdapterModel, with the prototypes named (patch_model_code first)."""
     if "compile" in names:
@@ -107,7 +132,7 @@ def ours_loss(model: Any, names: list[str]) -> LossFn:
     return loss
 
 
-def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 256):
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 128):
     """masked_cross_entropy(hidden @ weight.T, labels) for a frozen `weight`, without materialising the logits."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -124,15 +149,19 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         count = max(hidden.shape[0], 1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are upcast, float64 kept
+        total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            rows = torch.arange(t.shape[0], device=t.device)
+            logits = (h @ weight.t()).to(loss_dtype)  # the only [chunk, vocab] buffer: everything below is in place
+            target_logits = logits[rows, t]
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (sums.log() + top).squeeze(1).sub_(target_logits).sum()
+            probs = logits.div_(sums)  # softmax; minus the one-hot target gives d loss / d logits
+            probs[rows, t] -= 1.0
             grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         ctx.count = count

@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--proto", type=harness.csv_list, default=[],
                         help=f"prototype optimisations on our side, comma separated, from {sorted(PROTOS)}")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run every configuration this many times, interleaved; step times are pooled")
+                        help="run every configuration this many times, interleaved; the least disturbed round counts")
     harness.add_run_args(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
@@ -142,21 +142,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 # ---- the parent: every configuration, the table ----
 
 
-def pool_rounds(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    """One result from several rounds of the same configuration: step times pooled, the highest peak RSS."""
+def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds of the same configuration: the least disturbed round (lowest median step
+    time: other processes only ever slow a round down), with every round's median and the highest peak RSS."""
     good = [r for r in rounds if "error" not in r]
     if not good:
         return rounds[0]
-    times = [t for r in good for t in r["step_s_all"]]
-    pooled = dict(good[0])
-    pooled.update(
-        rounds=len(good), step_s=harness.median(times), step_s_best=min(times), step_s_all=times,
-        tokens_per_s=tokens / harness.median(times), tokens_per_s_best=tokens / min(times),
-        cpu_use=sum(r["cpu_use"] for r in good) / len(good),
-        cpu_busy_before=max(r["cpu_busy_before"] for r in good),
-        peak_rss_mb=max(r["peak_rss_mb"] for r in good), rss_model_mb=max(r["rss_model_mb"] for r in good),
-    )
-    return pooled
+    best = dict(min(good, key=lambda r: r["step_s"]))
+    best.update(rounds=len(good), step_s_rounds=[r["step_s"] for r in good],
+                peak_rss_mb=max(r["peak_rss_mb"] for r in good))
+    return best
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,7 +199,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             result.setdefault("run", run)
             result.setdefault("precision", precision)
             rounds[(run, precision)].append(result)
-    results = [pool_rounds(rs, args.batch_size * args.seq_len) for rs in rounds.values()]
+    results = [pool_rounds(rs) for rs in rounds.values()]
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "benchmark": "train_step",
