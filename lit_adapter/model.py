@@ -154,6 +154,7 @@ class LLaMA(nn.Module):
         prefix_input: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens idx [B, T].
 
@@ -163,6 +164,8 @@ class LLaMA(nn.Module):
         `prefix_input` (e.g. visual tokens) is handed to every attached adapter prefix.
         `positions` ([B, T], default input_pos) are the rotary positions of each row when they differ from the cache
         slots `input_pos`, e.g. in a left-padded batch where row b's first real token sits in slot pad_b.
+        `last_only` returns the logits of the last position alone ([B, 1, vocab]): all that decoding needs, and the
+        classifier is the largest matmul of a prefill.
         """
         T = idx.shape[1]
         if input_pos is None:
@@ -176,6 +179,8 @@ class LLaMA(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = self.kv_caches[i] if self.kv_caches is not None else None
             x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, prefix_input=prefix_input)
+        if last_only:
+            x = x[:, -1:]
         return self.output(self.norm(x))
 
     def rope(self, seq_len: int, device: torch.device) -> RoPE:

@@ -18,9 +18,10 @@ def sample(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
+    logits = logits.float()  # one row per sequence: cheap, and argmax/softmax over bf16 are slow on CPU
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,7 +61,7 @@ def generate_tokens(
         input_pos = torch.arange(prompt.numel(), device=prompt.device)
         tokens = prompt[None]
         for _ in range(max_new_tokens):
-            logits = model(tokens, input_pos=input_pos, prefix_input=prefix_input)[:, -1]
+            logits = model(tokens, input_pos=input_pos, prefix_input=prefix_input, last_only=True)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_token)
             if eos_id is not None and token == eos_id:
@@ -134,7 +135,7 @@ def generate_batch(
         for _ in range(max_new_tokens):
             mask = padded_mask(pads, slots, int(slots[-1]) + 1)
             logits = model(tokens, input_pos=slots, prefix_input=prefix_input, mask=mask,
-                           positions=row_positions(pads, slots))
+                           positions=row_positions(pads, slots), last_only=True)
             next_tokens = sample(logits[:, -1], temperature, top_k, top_p, generator)
             for row, token in enumerate(next_tokens.tolist()):
                 if done[row]:
