@@ -33,7 +33,9 @@ CHILD_FLAGS = (
     "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "prompt_len", "new_tokens", "batch_sizes",
     "adapter_len", "adapter_layers", "warmup", "repeats", "threads", "proto",
 )
-PROTOS = {"last_logits": "prefill computes the classifier for the last position only"}
+PROTOS = {
+    "lazy_visual": "open_clip / timm imported only when a visual adapter is built (emulated)",
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -135,8 +137,6 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
             prefix.prompt.copy_(adapter_values(args, index))
             prefix.gate.fill_(GATE_VALUE)
     model.eval()
-    if "last_logits" in args.proto:
-        model = LastLogits(model)
 
     def generate(prompts) -> list[list[int]]:
         if prompts.shape[0] == 1:
@@ -178,31 +178,15 @@ def build_hf(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
     return generate
 
 
-class LastLogits:
-    """Prototype `last_logits`: our model with the classifier applied to the last position only."""
-
-    def __init__(self, model: Any) -> None:
-        import torch.nn as nn
-
-        self.model, self.head = model, model.llama.output
-        model.llama.output = nn.Identity()
-        self.config = model.config
-
-    def __call__(self, idx, **kwargs):
-        return self.head(self.model(idx, **kwargs)[:, -1:])
-
-    def set_kv_cache(self, *args, **kwargs) -> None:
-        self.model.set_kv_cache(*args, **kwargs)
-
-    def clear_kv_cache(self) -> None:
-        self.model.clear_kv_cache()
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    harness.set_threads(args.threads)
     side, adapter = RUNS[args.run]
+    if side == OURS and "lazy_visual" in args.proto:
+        from benchmarks.protos import install_visual_placeholders
+
+        install_visual_placeholders()
+    harness.set_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     generate = (build_ours if side == OURS else build_hf)(args, adapter, dtype)
     result: dict[str, Any] = {"run": args.run, "side": side, "precision": args.precision,

@@ -7,8 +7,6 @@ Each prototype is a candidate change to lit_adapter itself, measured here before
   computed during the forward pass (the classifier is frozen, so it is all backward needs). Full [B, T, vocab]
   logits, their shifted copy, log-softmax and gradient are never materialised.
 - complex_rope: RoPE as one complex multiplication (Meta's formulation) instead of select/stack on even/odd pairs.
-- norm_cast: RMSNorm casts its weight to the activation dtype, so float32 trainable norms work in a bf16 model
-  (today the product promotes to float32 and the next bf16 linear fails).
 - compile: torch.compile every block (the prototype's own compile time is excluded by the warm-up steps).
 - swiglu: the SwiGLU product as one autograd function that keeps only w1 x and w3 x for backward (silu is
   recomputed), instead of three [tokens, hidden] tensors.
@@ -31,7 +29,6 @@ IGNORE_INDEX = -100
 PROTOS = {
     "head_ce": "classifier + cross-entropy on supervised positions only, chunked, no full logits",
     "complex_rope": "RoPE as a complex multiplication",
-    "norm_cast": "RMSNorm output in the activation dtype (float32 norms in a bf16 model)",
     "compile": "torch.compile every block",
     "swiglu": "SwiGLU as one autograd function saving two tensors instead of three",
     "lazy_visual": "open_clip / timm imported only when a visual adapter is built (emulated)",
@@ -55,8 +52,6 @@ def patch_model_code(names: list[str]) -> None:
 
     if "complex_rope" in names:
         model_module.apply_rope = complex_rope
-    if "norm_cast" in names:
-        model_module.RMSNorm.forward = rms_norm_forward
     if "swiglu" in names:
         model_module.FeedForward.forward = swiglu_forward
 
@@ -87,12 +82,6 @@ def complex_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     rotation = torch.complex(cos, sin).unsqueeze(-2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
-
-
-def rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x_float = x.float()
-    normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-    return normed.type_as(x) * self.weight.to(x.dtype)
 
 
 def swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
