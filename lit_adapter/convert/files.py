@@ -7,6 +7,7 @@ so the resident part of the source never grows past one chunk while the converte
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,6 +21,19 @@ from lit_adapter.errors import LitAdapterError
 
 # bytes of source weights kept mapped at once; small enough to be noise next to the converted copy
 CHUNK_BYTES = 128 * 2**20
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON file holding an object (params.json, config.json); `missing` says why the file is needed."""
+    if not path.is_file():
+        raise LitAdapterError(f"{path}: missing; {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise LitAdapterError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LitAdapterError(f"{path}: expected a JSON object")
+    return data
 
 
 def first_line(err: BaseException) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from lit_adapter.checkpoint import expected_shapes
 from lit_adapter.config import ModelConfig
-from lit_adapter.convert.files import WeightsFile, chunks
+from lit_adapter.convert.files import WeightsFile, chunks, read_json_object
 from lit_adapter.convert.meta import with_known_name
 from lit_adapter.errors import LitAdapterError
 
@@ -54,14 +54,7 @@ def load_hf(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 def read_hf_config(path: Path) -> ModelConfig:
     """config.json -> ModelConfig, refusing what our LLaMA cannot represent."""
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: missing; a Hugging Face checkpoint folder needs its config.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as err:
-        raise LitAdapterError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise LitAdapterError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, "a Hugging Face checkpoint folder needs its config.json")
     if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in (cfg.get("architectures") or ["LlamaForCausalLM"]):
         raise LitAdapterError(
             f"{path}: model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')} is not "

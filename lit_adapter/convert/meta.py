@@ -6,7 +6,6 @@ norms. Merging reads the shards in chunks of keys (see `files`), so memory stays
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from lit_adapter.checkpoint import expected_shapes
 from lit_adapter.config import NAMED_CONFIGS, ModelConfig
-from lit_adapter.convert.files import WeightsFile, chunks
+from lit_adapter.convert.files import WeightsFile, chunks, read_json_object
 from lit_adapter.errors import LitAdapterError
 
 PARAMS_FILE = "params.json"
@@ -61,14 +60,7 @@ def split_dim(key: str) -> Optional[int]:
 
 def read_params(path: Path, vocab_rows: int) -> ModelConfig:
     """params.json -> ModelConfig; vocab_size -1 means the embedding's row count."""
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: missing; a Meta checkpoint folder needs its params.json")
-    try:
-        params = json.loads(path.read_text())
-    except ValueError as err:
-        raise LitAdapterError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(params, dict):
-        raise LitAdapterError(f"{path}: expected a JSON object")
+    params = read_json_object(path, "a Meta checkpoint folder needs its params.json")
     if params.get("use_scaled_rope"):
         raise LitAdapterError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     for key in ("dim", "n_layers", "n_heads"):
