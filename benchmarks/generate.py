@@ -49,24 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per batch size")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size (median)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=harness.csv_list, default=list(RUNS), help=f"subset of {list(RUNS)}")
-    parser.add_argument("--precisions", type=harness.csv_list, default=list(PRECISIONS))
-    parser.add_argument("--proto", type=harness.csv_list, default=[],
-                        help=f"prototype optimisations on our side, from {sorted(PROTOS)}")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every configuration this many times, interleaved; the least disturbed round counts")
-    harness.add_run_args(parser)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
+    harness.add_comparison_args(parser, RUNS, PRECISIONS, PROTOS)
     parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--repeats and --rounds must be at least 1, --warmup at least 0")
-    unknown = [r for r in args.runs if r not in RUNS] + [p for p in args.precisions if p not in PRECISIONS]
-    unknown += [p for p in args.proto if p not in PROTOS]
-    if unknown:
-        parser.error(f"unknown run / precision / proto: {unknown}")
+    harness.check_choices(parser, args, RUNS, PRECISIONS, PROTOS)
     return args
 
 

@@ -48,23 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first builds the optimizer state)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
-    parser.add_argument("--runs", type=harness.csv_list, default=list(RUNS), help=f"subset of {list(RUNS)}")
-    parser.add_argument("--precisions", type=harness.csv_list, default=list(PRECISIONS))
-    parser.add_argument("--proto", type=harness.csv_list, default=[],
-                        help=f"prototype optimisations on our side, comma separated, from {sorted(PROTOS)}")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every configuration this many times, interleaved; the least disturbed round counts")
-    harness.add_run_args(parser)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
+    harness.add_comparison_args(parser, RUNS, PRECISIONS, PROTOS)
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be at least 1")
-    unknown = [r for r in args.runs if r not in RUNS] + [p for p in args.precisions if p not in PRECISIONS]
-    unknown += [p for p in args.proto if p not in PROTOS]
-    if unknown:
-        parser.error(f"unknown run / precision / proto: {unknown}")
+    harness.check_choices(parser, args, RUNS, PRECISIONS, PROTOS)
     return args
 
 
