@@ -33,9 +33,7 @@ CHILD_FLAGS = (
     "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "prompt_len", "new_tokens", "batch_sizes",
     "adapter_len", "adapter_layers", "warmup", "repeats", "threads", "proto",
 )
-PROTOS = {
-    "lazy_visual": "open_clip / timm imported only when a visual adapter is built (emulated)",
-}
+PROTOS: dict[str, str] = {}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -170,10 +168,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     side, adapter = RUNS[args.run]
-    if side == OURS and "lazy_visual" in args.proto:
-        from benchmarks.protos import install_visual_placeholders
-
-        install_visual_placeholders()
     harness.set_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     generate = (build_ours if side == OURS else build_hf)(args, adapter, dtype)

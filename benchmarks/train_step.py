@@ -21,7 +21,7 @@ import sys
 from typing import Any, Callable
 
 from benchmarks import harness
-from benchmarks.protos import PROTOS, masked_cross_entropy
+from benchmarks.protos import PROTOS
 
 OURS, PEFT = "ours", "peft"
 RUNS = {"v1": OURS, "peft_prompt": PEFT, "v2": OURS, "v2_lora": OURS, "peft_lora": PEFT}
@@ -82,9 +82,10 @@ def build_peft(args: argparse.Namespace, run: str, dtype) -> tuple[Any, Callable
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, lora_dropout=0.0,
                             target_modules=LORA_TARGETS_HF, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
+    from benchmarks.training import mean_cross_entropy
 
     def loss(input_ids, labels):
-        return masked_cross_entropy(model(input_ids=input_ids, use_cache=False).logits, labels)
+        return mean_cross_entropy(model(input_ids=input_ids, use_cache=False).logits, labels)
 
     return model, loss
 
@@ -93,10 +94,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks import training
-    from benchmarks.protos import patch_model_code
 
-    if RUNS[args.run] == OURS:
-        patch_model_code(args.proto)  # before lit_adapter.adapters is imported
     harness.set_threads(args.threads)
     torch.manual_seed(0)
     side, dtype = RUNS[args.run], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]

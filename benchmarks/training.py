@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks.protos import ours_loss, patch_model_code
+from benchmarks.protos import apply_protos
 
 IGNORE_INDEX = -100
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,16 +43,36 @@ def random_base(config: Any, dtype: torch.dtype, device: Any):
     return base
 
 
+def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the supervised positions from full logits, in float32 (the peer's loss)."""
+    from lit_adapter.training.loss import masked_cross_entropy
+
+    total, count = masked_cross_entropy(logits, labels)
+    return total / count.clamp(min=1)
+
+
+def ours_loss(model: Any) -> LossFn:
+    """The training module's loss (`LitAdapterModule.loss_sums`): hidden states, then the classifier and
+    cross-entropy on the supervised positions only."""
+    from lit_adapter.training.loss import head_cross_entropy
+
+    def loss(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, count = head_cross_entropy(model(input_ids, hidden_only=True), model.llama.output, labels)
+        return total / count.clamp(min=1)
+
+    return loss
+
+
 def build_ours(config: Any, adapter_config: Any, dtype: torch.dtype, device: Any, protos: list[str]):
     """(AdapterModel, loss(input_ids, labels), trainable parameters upcast to float32 from `dtype`)."""
-    patch_model_code(protos)  # first: some prototypes must act before lit_adapter.adapters is imported
     from lit_adapter.adapters import build_adapter_model
 
     model = build_adapter_model(random_base(config, dtype, device), adapter_config)
     upcast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in upcast:
         param.data = param.data.float()
-    return model, ours_loss(model, protos), upcast
+    apply_protos(model, protos)
+    return model, ours_loss(model), upcast
 
 
 def make_step(model: torch.nn.Module, loss_fn: LossFn, batch: dict) -> Callable[[], float]:

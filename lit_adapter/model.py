@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from lit_adapter.config import ModelConfig
 
-RoPE = tuple[torch.Tensor, torch.Tensor]
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -38,20 +36,18 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch.device] = None) -> RoPE:
-    """cos and sin tables of shape [seq_len, head_dim // 2], in float32."""
+def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Rotations e^(i p theta^(-2j / head_dim)) as a complex64 table [seq_len, head_dim // 2] (Meta's freqs_cis)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim]; cos/sin are [(B,) T, head_dim // 2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs of x [B, T, heads, head_dim] as complex numbers: (x[2i] + i x[2i+1]) * rotation,
+    with rotation [(B,) T, head_dim // 2] from `build_rope`."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -88,15 +84,15 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RoPE,
+        rope: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         input_pos: Optional[torch.Tensor] = None,
         prefix_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
@@ -118,7 +114,31 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b; when training, through SiluMul, which keeps one [tokens, hidden] tensor less for backward."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return SiluMul.apply(a, b)
+    return F.silu(a) * b
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(a) * b saving only a and b: silu(a) is recomputed in backward instead of being kept."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        sigmoid = torch.sigmoid(a)
+        silu = a * sigmoid
+        grad_a = grad * b * (sigmoid + silu * (1 - sigmoid))  # d silu(a)/da = sigmoid(a) (1 + a (1 - sigmoid(a)))
+        return grad_a, grad * silu
 
 
 class Block(nn.Module):
@@ -129,7 +149,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, **attention_kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, **attention_kwargs) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, **attention_kwargs)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -145,7 +165,7 @@ class LLaMA(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.kv_caches: Optional[list[KVCache]] = None
-        self._rope: Optional[RoPE] = None
+        self._rope: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -155,6 +175,7 @@ class LLaMA(nn.Module):
         mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens idx [B, T].
 
@@ -166,13 +187,14 @@ class LLaMA(nn.Module):
         slots `input_pos`, e.g. in a left-padded batch where row b's first real token sits in slot pad_b.
         `last_only` returns the logits of the last position alone ([B, 1, vocab]): all that decoding needs, and the
         classifier is the largest matmul of a prefill.
+        `hidden_only` returns the final normed hidden states [B, T, dim] instead of logits: the training loss applies
+        the classifier itself, to the supervised positions only (`lit_adapter.training.loss.head_cross_entropy`).
         """
         T = idx.shape[1]
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        cos, sin = self.rope(int(input_pos.max()) + 1 if self.kv_caches is not None else T, idx.device)
-        rope_pos = input_pos if positions is None else positions
-        rope = (cos[rope_pos], sin[rope_pos])
+        rotations = self.rope(int(input_pos.max()) + 1 if self.kv_caches is not None else T, idx.device)
+        rope = rotations[input_pos if positions is None else positions]
         if self.kv_caches is not None and mask is None:
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)
         x = self.tok_embeddings(idx)
@@ -181,10 +203,11 @@ class LLaMA(nn.Module):
             x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, prefix_input=prefix_input)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))
+        x = self.norm(x)
+        return x if hidden_only else self.output(x)
 
-    def rope(self, seq_len: int, device: torch.device) -> RoPE:
-        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
+    def rope(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        if self._rope is None or self._rope.shape[0] < seq_len or self._rope.device != device:
             length = max(seq_len, self.config.max_seq_len)
             self._rope = build_rope(length, self.config.head_dim, self.config.rope_theta, device)
         return self._rope

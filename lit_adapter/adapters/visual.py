@@ -7,6 +7,10 @@ Mode "tokens" (LLaMA-Adapter V2, official 7B multimodal): all CLIP tokens after 
 Mode "global" (LLaMA-Adapter V1 multimodal, ScienceQA): the CLIP global image embedding -> `visual_proj`, a two-layer
 MLP (Linear -> GELU -> Linear; the paper names only "a learnable projection network") -> `visual_proj_norm`
 -> [B, 1, llama_dim].
+
+open_clip and timm (and torchvision through them) are imported on first use, not with this module: text-only users
+of `lit_adapter.adapters` never load them. `load_open_clip()` returns open_clip with the tiny test tower
+(`TINY_CLIP_MODEL`) registered; code that builds that tower through open_clip directly gets open_clip from there.
 """
 
 from __future__ import annotations
@@ -19,14 +23,10 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
-import open_clip
 import torch
-from open_clip.model import resize_pos_embed
-from open_clip.transform import AugmentationCfg, PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import VisionTransformer
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from lit_adapter.config import check_known_keys
@@ -42,7 +42,32 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _MODES = ("tokens", "global")
 
 
-def _register_tiny_clip() -> None:
+_tiny_clip_registered = False
+
+
+def load_open_clip() -> ModuleType:
+    """open_clip, imported on first use, with the tiny test architecture registered (once)."""
+    import open_clip
+
+    _ensure_tiny_clip(open_clip)
+    return open_clip
+
+
+def _ensure_tiny_clip(open_clip: ModuleType) -> None:
+    global _tiny_clip_registered
+    if not _tiny_clip_registered:
+        _register_tiny_clip(open_clip)
+        _tiny_clip_registered = True
+
+
+def __getattr__(name: str) -> Any:
+    """`visual.open_clip` stays available as a module attribute (imported and set up on first access)."""
+    if name == "open_clip":
+        return load_open_clip()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_tiny_clip(open_clip: ModuleType) -> None:
     """Adds the tiny test architecture to open_clip's model registry (kept across open_clip's own rescans)."""
     if TINY_CLIP_MODEL in open_clip.list_models():
         return
@@ -58,16 +83,13 @@ def _register_tiny_clip() -> None:
     open_clip.add_model_config(folder)
 
 
-_register_tiny_clip()
-
-
 def _clip_name(clip_model: str) -> str:
     return clip_model.replace("/", "-")  # OpenAI spells it "ViT-L/14", open_clip "ViT-L-14"
 
 
 def clip_model_config(clip_model: str) -> dict[str, Any]:
     """open_clip's architecture config for a model name, without building anything."""
-    config = open_clip.get_model_config(_clip_name(clip_model)) if ":" not in clip_model else None
+    config = load_open_clip().get_model_config(_clip_name(clip_model)) if ":" not in clip_model else None
     if config is None:
         raise LitAdapterError(
             f"unknown open_clip model {clip_model!r}; list the valid names with "
@@ -87,7 +109,7 @@ def clip_image_size(clip_model: str) -> int:
 
 
 def _is_pretrained_tag(clip_model: str, value: str) -> bool:
-    return bool(open_clip.get_pretrained_cfg(_clip_name(clip_model), value))
+    return bool(load_open_clip().get_pretrained_cfg(_clip_name(clip_model), value))
 
 
 @dataclass
@@ -167,6 +189,9 @@ def image_transform(
     Eval: open_clip's own eval transform (resize shortest side + center crop + normalise). Mean/std are OpenAI CLIP's
     unless `clip_pretrained` names an open_clip tag that uses other statistics.
     """
+    open_clip = load_open_clip()
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, merge_preprocess_dict
+
     size = image_size or clip_image_size(clip_model)
     preprocess = dataclasses.asdict(PreprocessCfg())
     if clip_pretrained and _is_pretrained_tag(clip_model, clip_pretrained):
@@ -219,6 +244,8 @@ class ClipEncoder(nn.Module):
         images = images.to(self._dtype())
         if not all_tokens:
             return self.visual(images)
+        from open_clip.transformer import VisionTransformer
+
         if not isinstance(self.visual, VisionTransformer) or self.visual.attn_pool is not None:
             raise LitAdapterError(
                 f"visual mode 'tokens' needs an open_clip ViT image tower without attentional pooling; "
@@ -253,7 +280,7 @@ def _resolve_pretrained(clip_model: str, pretrained: Optional[str]) -> tuple[Opt
         raise LitAdapterError(f"CLIP weights {path} is a folder; set clip_pretrained to the weights file inside it")
     if os.sep in pretrained or "/" in pretrained or path.suffix in _WEIGHT_SUFFIXES:
         raise LitAdapterError(f"CLIP weights file not found: {path} (check clip_pretrained)")
-    tags = open_clip.list_pretrained_tags_by_model(_clip_name(clip_model))
+    tags = load_open_clip().list_pretrained_tags_by_model(_clip_name(clip_model))
     raise LitAdapterError(
         f"clip_pretrained {pretrained!r} is neither an open_clip tag for {clip_model!r} (tags: {tags or 'none'}) "
         "nor an existing weights file"
@@ -273,7 +300,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notice
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
-        state = open_clip.factory.load_state_dict(str(path))
+        state = load_open_clip().factory.load_state_dict(str(path))
     except Exception as err:  # torch/safetensors raise many types for unreadable files
         reason = str(err).splitlines()[0] if str(err) else repr(err)
         raise LitAdapterError(f"cannot read CLIP weights {path}: {reason}") from err
@@ -282,6 +309,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_image_tower(model: nn.Module, path: Path, clip_model: str) -> None:
     """Loads the image tower's tensors from a full CLIP state dict (`visual.*`) or an image-tower-only one."""
+    from open_clip.model import resize_pos_embed
+
     state = _read_weights(path)
     if not any(key.startswith("visual.") for key in state):
         state = {f"visual.{key}": value for key, value in state.items()}
@@ -324,6 +353,7 @@ def _quiet_random_init(active: bool) -> Iterator[None]:
 
 def build_clip_encoder(config: VisualConfig, device: Optional[torch.device | str] = None) -> ClipEncoder:
     """Builds the frozen image tower on `device` (default CPU, even inside a meta-device context) with its weights."""
+    open_clip = load_open_clip()
     name = _clip_name(config.clip_model)
     tag, local = _resolve_pretrained(config.clip_model, config.clip_pretrained)
     # OpenAI's releases (the "openai" tag, TorchScript archives) were trained with QuickGELU.
@@ -370,6 +400,8 @@ class VisualAdapter(nn.Module):
         self.register_module("clip", None)
         embed, width = config.embed_dim, config.resolved_width
         if config.mode == "tokens":
+            from timm.models.vision_transformer import Block
+
             self.clip_proj = nn.Linear(embed, width)
             self.clip_proj_norm = nn.LayerNorm(width)
             self.visual_query = nn.Embedding(config.visual_len, width)

@@ -31,7 +31,7 @@ from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, loa
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.model import Block
 from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
-from lit_adapter.training.loss import masked_cross_entropy
+from lit_adapter.training.loss import head_cross_entropy
 from lit_adapter.training.names import STATE_PREFIX, clean_name
 from lit_adapter.training.optim import decay_groups, initialise_adamw_state
 from lit_adapter.training.precision import default_dtype, trainable_to_float32
@@ -112,6 +112,7 @@ class LitAdapterModule(LightningModule):
         init_adapter: start from this adapter (folder or adapter.safetensors, e.g. a previous training phase)
         activation_checkpointing: recompute each block's activations in backward (FSDP: set the strategy's
             activation_checkpointing_policy instead)
+        compile_blocks: torch.compile each LLaMA block (faster steps once compiled; the first steps compile)
         export_adapter: at the end of fit, write adapter.safetensors + adapter_config.yaml into the run folder
     """
 
@@ -129,6 +130,7 @@ class LitAdapterModule(LightningModule):
         trainable: Optional[list[str]] = None,
         init_adapter: Optional[str] = None,
         activation_checkpointing: bool = False,
+        compile_blocks: bool = False,
         export_adapter: bool = True,
     ) -> None:
         super().__init__()
@@ -187,6 +189,11 @@ class LitAdapterModule(LightningModule):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(model.llama, check_fn=lambda module: isinstance(module, Block))
+        if self.hparams.compile_blocks:
+            if self._sharded():
+                raise LitAdapterError("model.compile_blocks is not supported with AdapterFSDPStrategy: set it false")
+            for block in model.llama.layers:
+                block.compile()
 
     def after_sharding(self, root: torch.nn.Module) -> None:
         """Called by AdapterFSDPStrategy once the model is sharded: load the base weights (and init_adapter)."""
@@ -237,13 +244,20 @@ class LitAdapterModule(LightningModule):
     ) -> torch.Tensor:
         return self.model(input_ids, images=images, has_image=has_image)
 
+    def loss_sums(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of supervised tokens) of a batch; no full logits (see training/loss.py)."""
+        assert self.model is not None
+        hidden = self.model(
+            batch["input_ids"], images=batch.get("images"), has_image=batch.get("has_image"), hidden_only=True
+        )
+        return head_cross_entropy(hidden, self.model.llama.output, batch["labels"])
+
     # ---- training ----
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         source = batch_source(batch)
         self._window_sources.add(source)
-        logits = self(batch["input_ids"], batch.get("images"), batch.get("has_image"))
-        total, count = masked_cross_entropy(logits, batch["labels"])
+        total, count = self.loss_sums(batch)
         loss = total / count.clamp(min=1)
         self._check_finite(loss)
         self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -316,8 +330,7 @@ class LitAdapterModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         source = self._val_source(dataloader_idx) or batch_source(batch)
-        logits = self(batch["input_ids"], batch.get("images"), batch.get("has_image"))
-        total, count = masked_cross_entropy(logits, batch["labels"])
+        total, count = self.loss_sums(batch)
         sums = self._val_sums.setdefault(source, [0.0, 0.0])
         sums[0] += float(total)
         sums[1] += float(count)

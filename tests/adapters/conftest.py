@@ -15,16 +15,16 @@ def float64_base(monkeypatch):
     def rms_norm(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
-    def rope(x, cos, sin):
+    def rope(x, rotation):
         pairs = x.unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
-        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        cos, sin = rotation.real.unsqueeze(-2).to(x.dtype), rotation.imag.unsqueeze(-2).to(x.dtype)
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
     def rope_tables(seq_len, head_dim, theta, device=None):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-        return angles.cos(), angles.sin()
+        return torch.polar(torch.ones_like(angles), angles)
 
     monkeypatch.setattr(model_module.RMSNorm, "forward", rms_norm)
     monkeypatch.setattr(model_module, "apply_rope", rope)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -217,7 +216,7 @@ def test_frozen_tower_in_bf16_still_feeds_the_fp32_adapter(images):
 
 def _reference_tiny_clip(**kwargs) -> nn.Module:
     torch.manual_seed(123)
-    return open_clip.create_model(TINY_CLIP_MODEL, **kwargs).eval()
+    return visual_module.load_open_clip().create_model(TINY_CLIP_MODEL, **kwargs).eval()
 
 
 @pytest.mark.parametrize("layout", ["full.pt", "full.safetensors", "visual_only.pt", "wrapped.pth"])

@@ -98,3 +98,46 @@ def test_reset_parameters_after_meta_to_empty() -> None:
     assert abs(matrices.std().item() - 0.02) < 0.001 and abs(matrices.mean().item()) < 0.001
     logits = model.eval()(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, config.vocab_size) and torch.isfinite(logits).all()
+
+
+def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Reference RoPE: pair (x[2i], x[2i+1]) at position p turns by the angle p * theta^(-2i / head_dim)."""
+    head_dim = x.shape[-1]
+    angles = positions[..., None].float() * theta ** (-torch.arange(0, head_dim, 2) / head_dim)
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def test_apply_rope_rotates_interleaved_pairs() -> None:
+    from lit_adapter.model import apply_rope, build_rope
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, 16)
+    table = build_rope(12, 16, 10000.0)
+    torch.testing.assert_close(apply_rope(x, table[:9]), rotate_pairs(x, torch.arange(9)))
+    positions = torch.tensor([[0, 1, 2], [5, 6, 7]])  # per-row positions, as in a left-padded batch
+    torch.testing.assert_close(apply_rope(x[:, :3], table[positions]), rotate_pairs(x[:, :3], positions))
+    assert apply_rope(x.bfloat16(), table[:9]).dtype == torch.bfloat16
+
+
+def test_silu_mul_values_and_gradients() -> None:
+    from lit_adapter.model import SiluMul, silu_mul
+
+    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(silu_mul(a, b), torch.nn.functional.silu(a) * b)
+    assert torch.autograd.gradcheck(SiluMul.apply, (a, b))
+    assert silu_mul(a, b).grad_fn.name() == "SiluMulBackward"
+    with torch.no_grad():
+        torch.testing.assert_close(silu_mul(a, b), torch.nn.functional.silu(a) * b)
+
+
+def test_hidden_only_returns_the_normed_states_the_classifier_reads() -> None:
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig.from_name("tiny"))
+    model.reset_parameters()
+    idx = torch.randint(0, model.config.vocab_size, (2, 7))
+    hidden = model(idx, hidden_only=True)
+    assert hidden.shape == (2, 7, model.config.dim)
+    torch.testing.assert_close(model.output(hidden), model(idx))

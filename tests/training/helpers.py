@@ -37,10 +37,10 @@ def tiny_adapter(visual: bool = True, clip_weights: Optional[Path] = None) -> Ad
 
 
 def write_tiny_clip_weights(path: Path, seed: int = 0) -> Path:
-    import open_clip
+    from lit_adapter.adapters.visual import load_open_clip
 
     torch.manual_seed(seed)
-    torch.save(open_clip.create_model(TINY_CLIP_MODEL).state_dict(), path)
+    torch.save(load_open_clip().create_model(TINY_CLIP_MODEL).state_dict(), path)
     return path
 
 
