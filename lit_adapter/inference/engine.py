@@ -28,6 +28,21 @@ ExpertSlot = Literal["input", "instruction"]
 SINGLE_THREAD_MAX_DIM = 256
 
 
+def column_major_weights(model: torch.nn.Module) -> None:
+    """On CPU in float32, lay each frozen linear weight [out, in] out transposed in memory (same values, same shape).
+
+    Decoding multiplies one row per sequence by every weight; MKL's float32 matrix-vector product reads a transposed
+    layout about twice as fast for a wide matrix (the 32000 x 512 classifier: 6.8 -> 3.1 ms on 2 Zen 4 cores) and no
+    slower for the others. bf16 and GPU kernels gain nothing, so those weights are left as they are.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or weight.requires_grad or weight.device.type != "cpu":
+            continue
+        if weight.dtype == torch.float32 and weight.is_contiguous():
+            weight.data = weight.data.t().contiguous().t()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +149,7 @@ class Engine:
             torch.set_num_threads(1)
         if adapter is None:
             llama = load_model(checkpoint_dir, device=dev, dtype=dtype)
+            column_major_weights(llama)
             return cls(llama, Tokenizer(tokenizer_path(checkpoint_dir)), get_prompt_style(prompt_style or "raw"))
         from lit_adapter.adapters import load_adapter_model
 
@@ -142,6 +158,7 @@ class Engine:
         adapter_model.eval()
         if merge:
             merge_for_inference(adapter_model)
+        column_major_weights(adapter_model.llama)
         adapter_style = get_prompt_style(adapter_config.prompt_style or "alpaca")
         style = get_prompt_style(prompt_style) if prompt_style else adapter_style
         return cls(adapter_model.llama, tokenizer, style, adapter_model, adapter_style)

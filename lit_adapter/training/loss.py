@@ -8,11 +8,14 @@ classifier is frozen, so d loss / d hidden is all backward needs, and it is comp
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_LOGITS = 2**23  # logits per chunk: 32 MiB in float32 (262 rows of a 32K vocabulary); larger chunks gain nothing
 LossSum = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -24,9 +27,11 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int = 128) -> LossSum:
+def head_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: Optional[int] = None
+) -> LossSum:
     """masked_cross_entropy(head(hidden), labels) from hidden states [B, T, dim], computing logits only where a
-    label is supervised. A trainable head falls back to plain autograd over those positions."""
+    label is supervised, `chunk` rows at a time. A trainable head falls back to plain autograd over those positions."""
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     rows, targets = hidden[:, :-1][supervised], targets[supervised]
@@ -36,6 +41,7 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tens
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, targets, reduction="sum"), count
     need_grad = torch.is_grad_enabled() and rows.requires_grad
+    chunk = chunk or max(16, CHUNK_LOGITS // head.out_features)
     return FrozenHeadCrossEntropy.apply(rows, head.weight, targets, chunk, need_grad), count
 
 
