@@ -110,6 +110,7 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
 
     from lit_adapter.adapters import AdapterConfig, build_adapter_model
     from lit_adapter.checkpoint import load_model
+    from lit_adapter.inference.engine import column_major_weights
     from lit_adapter.inference.generate import generate_batch, generate_tokens
 
     base = load_model(Path(args.weights) / "ours", dtype=dtype)
@@ -123,6 +124,7 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
             prefix.prompt.copy_(adapter_values(args, index))
             prefix.gate.fill_(GATE_VALUE)
     model.eval()
+    column_major_weights(model)  # as Engine.load does
 
     def generate(prompts) -> list[list[int]]:
         if prompts.shape[0] == 1:

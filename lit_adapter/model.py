@@ -44,10 +44,10 @@ def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs of x [B, T, heads, head_dim] as complex numbers: (x[2i] + i x[2i+1]) * rotation,
-    with rotation [(B,) T, head_dim // 2] from `build_rope`."""
+    """Rotate the interleaved pairs of x [B, heads, T, head_dim] as complex numbers: (x[2i] + i x[2i+1]) * rotation,
+    with rotation [(B,) T, head_dim // 2] from `build_rope`. The result is a new contiguous tensor."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rotation.unsqueeze(-3)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -91,17 +91,42 @@ class Attention(nn.Module):
         prefix_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), rope)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v, end=mask.shape[-1])
-        gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if mask is not None and B > 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            # torch's CPU flash kernel is slow on half-precision batches of short queries (a batch-8 decode step:
+            # 0.60 ms per layer against 0.22 ms written out, bf16 on 2 Zen 4 cores)
+            y = explicit_attention(q, k, v, mask=mask)
+        else:
+            gqa = self.n_kv_heads != self.n_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         if self.prefix is not None:
             y = y + self.prefix(self, q, prefix_input, kv_cache)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out, with float32 scores, for q [B, heads, T, head_dim] and k, v
+    [B or 1, kv_heads, S, head_dim]. The query heads that share a key head are grouped by a view, so nothing is
+    repeated. `mask` [B, 1, T, S] (True = attend); `weight` [B or 1, heads, 1, 1] scales each head's probabilities."""
+    kv_heads = k.shape[1]
+    grouped = q.unflatten(1, (kv_heads, -1))  # [B, kv_heads, groups, T, head_dim]
+    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    if weight is not None:
+        probs = probs * weight.unflatten(1, (kv_heads, -1))
+    return (probs @ v.unsqueeze(2)).flatten(1, 2)
 
 
 class FeedForward(nn.Module):

@@ -18,7 +18,7 @@ def float64_base(monkeypatch):
     def rope(x, rotation):
         pairs = x.unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
-        cos, sin = rotation.real.unsqueeze(-2).to(x.dtype), rotation.imag.unsqueeze(-2).to(x.dtype)
+        cos, sin = rotation.real.unsqueeze(-3).to(x.dtype), rotation.imag.unsqueeze(-3).to(x.dtype)
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
     def rope_tables(seq_len, head_dim, theta, device=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_adapter.checkpoint import meta_model
 from lit_adapter.config import ModelConfig
@@ -101,10 +102,11 @@ def test_reset_parameters_after_meta_to_empty() -> None:
 
 
 def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Reference RoPE: pair (x[2i], x[2i+1]) at position p turns by the angle p * theta^(-2i / head_dim)."""
+    """Reference RoPE on x [B, heads, T, head_dim]: pair (x[2i], x[2i+1]) at position p turns by the angle
+    p * theta^(-2i / head_dim)."""
     head_dim = x.shape[-1]
     angles = positions[..., None].float() * theta ** (-torch.arange(0, head_dim, 2) / head_dim)
-    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
+    cos, sin = angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
@@ -113,12 +115,13 @@ def test_apply_rope_rotates_interleaved_pairs() -> None:
     from lit_adapter.model import apply_rope, build_rope
 
     torch.manual_seed(0)
-    x = torch.randn(2, 9, 4, 16)
+    x = torch.randn(2, 9, 4, 16).transpose(1, 2)  # [B, heads, T, head_dim], as attention passes it (a view)
     table = build_rope(12, 16, 10000.0)
     torch.testing.assert_close(apply_rope(x, table[:9]), rotate_pairs(x, torch.arange(9)))
     positions = torch.tensor([[0, 1, 2], [5, 6, 7]])  # per-row positions, as in a left-padded batch
-    torch.testing.assert_close(apply_rope(x[:, :3], table[positions]), rotate_pairs(x[:, :3], positions))
+    torch.testing.assert_close(apply_rope(x[:, :, :3], table[positions]), rotate_pairs(x[:, :, :3], positions))
     assert apply_rope(x.bfloat16(), table[:9]).dtype == torch.bfloat16
+    assert apply_rope(x, table[:9]).is_contiguous()
 
 
 def test_silu_mul_values_and_gradients() -> None:
@@ -141,3 +144,35 @@ def test_hidden_only_returns_the_normed_states_the_classifier_reads() -> None:
     hidden = model(idx, hidden_only=True)
     assert hidden.shape == (2, 7, model.config.dim)
     torch.testing.assert_close(model.output(hidden), model(idx))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_explicit_attention_equals_sdpa(kv_heads: int) -> None:
+    from lit_adapter.model import explicit_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, kv_heads, 5, 8, dtype=torch.float64).unbind(0)
+    mask = torch.rand(2, 1, 3, 5) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(explicit_attention(q, k, v, mask=mask), expected)
+    weight = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    unmasked = F.scaled_dot_product_attention(q, k[:1], v[:1], enable_gqa=kv_heads != 4)  # keys broadcast over B
+    torch.testing.assert_close(explicit_attention(q, k[:1], v[:1], weight=weight), weight * unmasked)
+
+
+def test_half_precision_batches_on_cpu_match_float32() -> None:
+    """A bf16 batch with a mask takes the written-out attention path on CPU; it agrees with the float32 model."""
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig.from_name("tiny"))
+    model.reset_parameters()
+    idx = torch.randint(0, model.config.vocab_size, (2, 6))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
+    mask[1, :, :, 0] = False  # row 1 is left-padded by one token
+    mask[1, :, 0, 0] = True
+    expected = model(idx, mask=mask)
+    without_padding = model(idx)
+    low = model.to(torch.bfloat16)(idx, mask=mask).float()
+    assert (without_padding - expected).abs().max() > 0.05  # the mask matters at this size
+    assert (low - expected).abs().max() < 0.01  # bf16 rounding only
