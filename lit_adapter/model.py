@@ -115,12 +115,13 @@ def explicit_attention(
     mask: Optional[torch.Tensor] = None,
     weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v written out, with float32 scores, for q [B, heads, T, head_dim] and k, v
+    """softmax(q k^T / sqrt(d)) v written out, with scores in float32 at least, for q [B, heads, T, head_dim] and k, v
     [B or 1, kv_heads, S, head_dim]. The query heads that share a key head are grouped by a view, so nothing is
     repeated. `mask` [B, 1, T, S] (True = attend); `weight` [B or 1, heads, 1, 1] scales each head's probabilities."""
     kv_heads = k.shape[1]
     grouped = q.unflatten(1, (kv_heads, -1))  # [B, kv_heads, groups, T, head_dim]
-    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = grouped @ k.unsqueeze(2).transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
