@@ -29,7 +29,8 @@ SINGLE_THREAD_MAX_DIM = 256
 
 
 def column_major_weights(model: torch.nn.Module) -> None:
-    """On CPU in float32, lay each frozen linear weight [out, in] out transposed in memory (same values, same shape).
+    """For inference on CPU in float32: lay each linear weight [out, in] out transposed in memory (same values, same
+    shape, same parameter).
 
     Decoding multiplies one row per sequence by every weight; MKL's float32 matrix-vector product reads a transposed
     layout about twice as fast for a wide matrix (the 32000 x 512 classifier: 6.8 -> 3.1 ms on 2 Zen 4 cores) and no
@@ -37,7 +38,7 @@ def column_major_weights(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or weight.requires_grad or weight.device.type != "cpu":
+        if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu":
             continue
         if weight.dtype == torch.float32 and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()

@@ -127,3 +127,23 @@ def test_stop_filter_holds_back_a_possible_stop_and_cuts_it():
     assert tail.push("a #") == "a " and tail.flush() == "#" and tail.text == "a #"
     assert cut_at_stop("one END two", ["###", "END"]) == ("one ", True)
     assert cut_at_stop("one", ["END"]) == ("one", False)
+
+
+def test_column_major_weights_keep_values_and_tokens(stories260k_dir, tokenizer):
+    from lit_adapter.inference.engine import column_major_weights
+
+    model = load_model(stories260k_dir)
+    prompt = torch.tensor(tokenizer.encode("Once upon a time", bos=True))
+    with torch.inference_mode():
+        logits = model(prompt[None])
+    expected = list(generate_tokens(model, prompt, 40))
+    column_major_weights(model)
+    wq = model.layers[0].attention.wq.weight
+    assert wq.stride() == (1, wq.shape[0]) and model.output.weight.stride() == (1, model.output.weight.shape[0])
+    assert model.output.weight is model.tok_embeddings.weight  # still tied
+    with torch.inference_mode():
+        torch.testing.assert_close(model(prompt[None]), logits, rtol=1e-5, atol=1e-5)
+    assert list(generate_tokens(model, prompt, 40)) == expected
+    half = load_model(stories260k_dir, dtype=torch.bfloat16)
+    column_major_weights(half)
+    assert half.layers[0].attention.wq.weight.is_contiguous()  # bf16 kernels gain nothing: left as it is
