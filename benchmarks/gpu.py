@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable
 
 from benchmarks import harness
-from benchmarks.protos import PROTOS
 
 TRAIN_RUNS = {"v1": ("v1", False), "v1_ckpt": ("v1", True), "v2": ("v2", False), "v2_ckpt": ("v2", True)}
 GEN_RUNS = ("base", "v1")
@@ -48,8 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=None, help="default 128 (tiny: 8)")
     parser.add_argument("--gen_repeats", type=int, default=3)
-    parser.add_argument("--proto", type=harness.csv_list, default=[], help=f"prototypes, from {sorted(PROTOS)}")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block for training")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every block for training (as model.compile_blocks: true)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -60,9 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.seq_len = args.seq_len or (32 if tiny else 512)
     args.new_tokens = args.new_tokens or (8 if tiny else 128)
     unknown = [r for r in args.runs if r not in TRAIN_RUNS] + [r for r in args.gen_runs if r not in GEN_RUNS]
-    unknown += [p for p in args.proto if p not in PROTOS]
     if unknown:
-        parser.error(f"unknown run / proto: {unknown}")
+        parser.error(f"unknown run: {unknown}")
     return args
 
 
@@ -132,7 +130,7 @@ def train_run(args: argparse.Namespace, name: str, device: Device) -> dict[str, 
     variant, checkpointing = TRAIN_RUNS[name]
     config = model_config(args)
     model, loss_fn, upcast = training.build_ours(config, adapter_config(variant, config.n_layers), torch.bfloat16,
-                                                 device.device, args.proto)
+                                                 device.device, [])
     flops = flops_per_token(model.llama, config, args.seq_len)  # before any wrapper renames the modules
     if checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
