@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -61,7 +62,8 @@ def generate_tokens(
         input_pos = torch.arange(prompt.numel(), device=prompt.device)
         tokens = prompt[None]
         for _ in range(max_new_tokens):
-            logits = model(tokens, input_pos=input_pos, prefix_input=prefix_input, last_only=True)[:, -1]
+            with one_row_kernels(tokens):
+                logits = model(tokens, input_pos=input_pos, prefix_input=prefix_input, last_only=True)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_token)
             if eos_id is not None and token == eos_id:
@@ -71,6 +73,24 @@ def generate_tokens(
             input_pos = input_pos[-1:] + 1
     finally:
         model.clear_kv_cache()
+
+
+@contextmanager
+def one_row_kernels(tokens: torch.Tensor) -> Iterator[None]:
+    """Around a forward pass of one token on CPU: torch's own half-precision matrix-vector kernels, not oneDNN's.
+
+    For a single row they are 1.3-2.4x faster (bf16 on 2 Zen 4 cores: 1.0 vs 2.5 ms for the 32000 x 512 classifier,
+    0.05 vs 0.08 ms for a 1376 x 512 layer); from 8 rows on oneDNN wins by far, so prefill and batches keep it.
+    float32 products do not go through oneDNN at all.
+    """
+    if tokens.numel() != 1 or tokens.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,3 +147,28 @@ def test_column_major_weights_keep_values_and_tokens(stories260k_dir, tokenizer)
     half = load_model(stories260k_dir, dtype=torch.bfloat16)
     column_major_weights(half)
     assert half.layers[0].attention.wq.weight.is_contiguous()  # bf16 kernels gain nothing: left as it is
+
+
+def test_one_row_kernels_only_for_a_single_cpu_token(stories260k_dir):
+    from lit_adapter.inference.generate import one_row_kernels
+
+    assert torch.backends.mkldnn.enabled
+    with one_row_kernels(torch.tensor([[5]])):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    with one_row_kernels(torch.tensor([[5, 6]])):
+        assert torch.backends.mkldnn.enabled
+    try:
+        with one_row_kernels(torch.tensor([[5]])):
+            raise KeyError("interrupted")
+    except KeyError:
+        pass
+    assert torch.backends.mkldnn.enabled
+    # the kernels differ, the numbers agree to bf16 rounding
+    model = load_model(stories260k_dir, dtype=torch.bfloat16)
+    token = torch.tensor([[42]])
+    with torch.inference_mode():
+        expected = model(token).float()
+        with one_row_kernels(token):
+            native = model(token).float()
+    torch.testing.assert_close(native, expected, rtol=0.02, atol=0.05)
