@@ -116,18 +116,24 @@ def explicit_attention(
     weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v written out, with scores in float32 at least, for q [B, heads, T, head_dim] and k, v
-    [B or 1, kv_heads, S, head_dim]. The query heads that share a key head are grouped by a view, so nothing is
-    repeated. `mask` [B, 1, T, S] (True = attend); `weight` [B or 1, heads, 1, 1] scales each head's probabilities."""
+    [B or 1, kv_heads, S, head_dim]. `mask` [B, 1, T, S] (True = attend); `weight` [B or 1, heads, 1, 1] scales each
+    head's probabilities.
+
+    The query heads sharing a key head are stacked along the query axis ([B, kv_heads, groups * T, head_dim]), so
+    the keys and values (e.g. a slice of the KV cache) are multiplied in place, never repeated or copied.
+    """
+    batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
-    grouped = q.unflatten(1, (kv_heads, -1))  # [B, kv_heads, groups, T, head_dim]
-    scores = grouped @ k.unsqueeze(2).transpose(-1, -2)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
+    stacked = q.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
+    scores = stacked @ k.transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * head_dim**-0.5
+    grouped = scores.unflatten(2, (heads // kv_heads, length))  # [B, kv_heads, groups, T, S]
     if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
+        grouped = grouped.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = grouped.softmax(dim=-1).to(v.dtype)
     if weight is not None:
         probs = probs * weight.unflatten(1, (kv_heads, -1))
-    return (probs @ v.unsqueeze(2)).flatten(1, 2)
+    return (probs.flatten(2, 3) @ v).view(batch, heads, length, head_dim)
 
 
 class FeedForward(nn.Module):
