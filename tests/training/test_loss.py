@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -92,3 +95,24 @@ def test_no_gradient_work_without_grad() -> None:
     with torch.no_grad():
         total, count = head_cross_entropy(hidden, frozen_head(torch.randn(20, 8)), labels)
     assert not total.requires_grad and int(count) == 10
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_blocks_gives_the_same_loss(stories260k_dir) -> None:
+    """`compile_blocks` compiles every LLaMA block; the compiled model computes the loss the eager one does."""
+    from tests.training.helpers import module
+
+    eager, compiled = module(stories260k_dir, visual=False), module(stories260k_dir, visual=False, compile_blocks=True)
+    eager.configure_model()
+    compiled.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.model.llama.layers)
+    assert all(block._compiled_call_impl is None for block in eager.model.llama.layers)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    expected_total, expected_count = eager.loss_sums(batch)
+    total, count = compiled.loss_sums(batch)
+    assert int(count) == int(expected_count) == 2 * 11  # labels 5..15 of each row
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-5)
