@@ -169,8 +169,10 @@ class SiluMul(torch.autograd.Function):
         a, b = ctx.saved_tensors
         sigmoid = torch.sigmoid(a)
         silu = a * sigmoid
-        grad_a = grad * b * (sigmoid + silu * (1 - sigmoid))  # d silu(a)/da = sigmoid(a) (1 + a (1 - sigmoid(a)))
-        return grad_a, grad * silu
+        grad_b = grad * silu
+        # d silu(a) / da = sigmoid(a) (1 + a - silu(a)), built in silu's buffer: three temporaries, not six
+        grad_a = silu.neg_().add_(a).add_(1).mul_(sigmoid).mul_(b).mul_(grad)
+        return grad_a, grad_b
 
 
 class Block(nn.Module):
