@@ -42,22 +42,12 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _MODES = ("tokens", "global")
 
 
-_tiny_clip_registered = False
-
-
 def load_open_clip() -> ModuleType:
-    """open_clip, imported on first use, with the tiny test architecture registered (once)."""
+    """open_clip, imported on first use, with the tiny test architecture registered."""
     import open_clip
 
-    _ensure_tiny_clip(open_clip)
+    _register_tiny_clip(open_clip)
     return open_clip
-
-
-def _ensure_tiny_clip(open_clip: ModuleType) -> None:
-    global _tiny_clip_registered
-    if not _tiny_clip_registered:
-        _register_tiny_clip(open_clip)
-        _tiny_clip_registered = True
 
 
 def __getattr__(name: str) -> Any:
