@@ -120,7 +120,7 @@ def explicit_attention(
     head's probabilities.
 
     The query heads sharing a key head are stacked along the query axis ([B, kv_heads, groups * T, head_dim]), so
-    the keys and values (e.g. a slice of the KV cache) are multiplied in place, never repeated or copied.
+    keys and values are not repeated per query head, and a slice of the KV cache is multiplied in place.
     """
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
