@@ -154,8 +154,9 @@ def generate_batch(
         slots = torch.arange(width, device=tokens.device)
         for _ in range(max_new_tokens):
             mask = padded_mask(pads, slots, int(slots[-1]) + 1)
-            logits = model(tokens, input_pos=slots, prefix_input=prefix_input, mask=mask,
-                           positions=row_positions(pads, slots), last_only=True)
+            with one_row_kernels(tokens):
+                logits = model(tokens, input_pos=slots, prefix_input=prefix_input, mask=mask,
+                               positions=row_positions(pads, slots), last_only=True)
             next_tokens = sample(logits[:, -1], temperature, top_k, top_p, generator)
             for row, token in enumerate(next_tokens.tolist()):
                 if done[row]:
