@@ -31,13 +31,10 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, device: Any = "cp
 def random_base(config: Any, dtype: torch.dtype, device: Any):
     """A random-init LLaMA made directly in `dtype` on `device` (structure on the meta device, then filled)."""
     from lit_adapter.checkpoint import meta_model
+    from lit_adapter.training.precision import default_dtype
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with default_dtype(dtype):
         base = meta_model(config)
-    finally:
-        torch.set_default_dtype(previous)
     base.to_empty(device=device)
     base.reset_parameters()
     return base
