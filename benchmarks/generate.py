@@ -31,9 +31,8 @@ PRECISIONS = ("fp32", "bf16")
 GATE_VALUE = 0.1  # a non-zero gate, so the adapter changes the output
 CHILD_FLAGS = (
     "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "prompt_len", "new_tokens", "batch_sizes",
-    "adapter_len", "adapter_layers", "warmup", "repeats", "threads", "proto",
+    "adapter_len", "adapter_layers", "warmup", "repeats", "threads",
 )
-PROTOS: dict[str, str] = {}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,12 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per batch size")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size (median)")
     parser.add_argument("--threads", type=int, default=2)
-    harness.add_comparison_args(parser, RUNS, PRECISIONS, PROTOS)
+    harness.add_comparison_args(parser, RUNS, PRECISIONS)
     parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--repeats and --rounds must be at least 1, --warmup at least 0")
-    harness.check_choices(parser, args, RUNS, PRECISIONS, PROTOS)
+    harness.check_choices(parser, args, RUNS, PRECISIONS)
     return args
 
 
@@ -174,7 +173,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     generate = (build_ours if side == OURS else build_hf)(args, adapter, dtype)
     result: dict[str, Any] = {"run": args.run, "side": side, "precision": args.precision,
-                              "proto": args.proto if side == OURS else [], "rss_model_mb": harness.rss_mb(),
+                              "rss_model_mb": harness.rss_mb(),
                               "batches": {}}
     for batch_size in [int(b) for b in args.batch_sizes]:
         prompts = make_prompts(args, batch_size)

@@ -179,13 +179,14 @@ def child_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return out
 
 
-def add_comparison_args(parser: argparse.ArgumentParser, runs, precisions, protos) -> None:
-    """The options every side-by-side benchmark shares: which runs, precisions and prototypes, repeated rounds,
-    idle waiting, JSON output, and the hidden ones a child process is started with."""
+def add_comparison_args(parser: argparse.ArgumentParser, runs, precisions, protos=None) -> None:
+    """The options every side-by-side benchmark shares: which runs, precisions and (if it has any) prototypes,
+    repeated rounds, idle waiting, JSON output, and the hidden ones a child process is started with."""
     parser.add_argument("--runs", type=csv_list, default=list(runs), help=f"subset of {list(runs)}")
     parser.add_argument("--precisions", type=csv_list, default=list(precisions))
-    parser.add_argument("--proto", type=csv_list, default=[],
-                        help=f"prototype optimisations on our side, comma separated, from {sorted(protos)}")
+    if protos:
+        parser.add_argument("--proto", type=csv_list, default=[],
+                            help=f"prototype optimisations on our side, comma separated, from {sorted(protos)}")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every configuration this many times, interleaved; the least disturbed round counts")
     add_run_args(parser)
@@ -194,9 +195,9 @@ def add_comparison_args(parser: argparse.ArgumentParser, runs, precisions, proto
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
 
 
-def check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace, runs, precisions, protos) -> None:
+def check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace, runs, precisions, protos=None) -> None:
     unknown = [r for r in args.runs if r not in runs] + [p for p in args.precisions if p not in precisions]
-    unknown += [p for p in args.proto if p not in protos]
+    unknown += [p for p in getattr(args, "proto", []) if p not in (protos or {})]
     if unknown:
         parser.error(f"unknown run / precision / proto: {unknown}")
 
