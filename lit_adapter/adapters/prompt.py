@@ -90,7 +90,9 @@ class GatedPrompt(nn.Module):
             gate = gate_activation(self.activation, self.gate if name == "static" else self.visual_gate).to(q.dtype)
             if name == "visual" and prefix_input is not None:
                 gate = gate * image_rows(prefix_input, q.dtype)
-            part = attend(q, keys, values, gate)
+            # written out, not SDPA: with ~10 keys 1.4x (float32) to 3x (bf16) faster forward + backward on CPU; the
+            # gate scales the probabilities, so its gradient keeps [T, K] probabilities, not the [T, d] output
+            part = explicit_attention(q, keys, values, weight=gate)
             term = part if term is None else term + part
         if term is None:  # e.g. a visual-only layer called without an image
             return torch.zeros_like(q)
@@ -127,16 +129,6 @@ def image_rows(visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     else 1. Late fusion needs no mask (adding zero leaves the prompt as it is), but an early-fusion visual prompt of
     zero tokens would still attend to wv's bias."""
     return visual.ne(0).flatten(1).any(dim=1).to(dtype).view(-1, 1, 1, 1)
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """gate * softmax(q k^T / sqrt(d)) v over all prompt positions (no mask), grouped-query aware, batch broadcast.
-
-    The gate [B or 1, n_heads, 1, 1] scales each head's attention probabilities: the same product, but the gate's
-    gradient then keeps the small [T, K] probabilities instead of the [T, head_dim] output. Written out rather than
-    through SDPA: with ~10 keys the explicit products are 1.4x (float32) to 3x (bf16) faster forward + backward on CPU.
-    """
-    return explicit_attention(q, keys, values, weight=gate)
 
 
 def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
