@@ -119,9 +119,9 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
     first = args.n_layers - layers
     with torch.no_grad():
         for index in range(first, args.n_layers):
-            prefix = model.llama.layers[index].attention.prefix
-            prefix.prompt.copy_(adapter_values(args, index))
-            prefix.gate.fill_(GATE_VALUE)
+            prompt = model.llama.layers[index].attention.adaption_prompt
+            prompt.prompt.copy_(adapter_values(args, index))
+            prompt.gate.fill_(GATE_VALUE)
     model.eval()
     column_major_weights(model)  # as Engine.load does
 

@@ -278,7 +278,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from lit_adapter.checkpoint import atomic_path
+    from lit_adapter.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

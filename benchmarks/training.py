@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from benchmarks.protos import apply_protos
+from lit_adapter.data.batch import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

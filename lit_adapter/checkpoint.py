@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from lit_adapter.config import ModelConfig
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import atomic_path, load_yaml, save_yaml  # noqa: F401  (the checkpoint folder's YAML files)
 from lit_adapter.model import LLaMA
 
 WEIGHTS_FILE = "model.safetensors"
@@ -24,21 +21,6 @@ CONFIG_FILE = "model_config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
 
 PathLike = Union[str, Path]
-
-
-@contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[dict] = None) -> None:
@@ -52,24 +34,6 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: 
         seen.setdefault(key, name)
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=metadata)
-
-
-def save_yaml(data: dict, path: PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def load_yaml(path: PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise LitAdapterError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise LitAdapterError(f"{path}: expected a YAML mapping at the top level")
-    return data
 
 
 def save_checkpoint(

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_path
+from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import atomic_path
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 Module names follow Meta's checkpoints (`layers.{i}.attention.wq`, `feed_forward.w1`, ...), so Meta and official
 LLaMA-Adapter state dicts map onto this model key for key.
 
-Adapters never copy this file. Attention has one seam, `Attention.prefix`: when an adapter module is attached there,
-its gated prefix term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the attention output:
+Adapters never copy this file. Attention has one seam, `Attention.adaption_prompt`: when an adapter module is attached there,
+its gated prompt term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the attention output:
 
-    O = softmax(Q K_t^T / sqrt(d) + causal) V_t  +  prefix(Q)
+    O = softmax(Q K_t^T / sqrt(d) + causal) V_t  +  adaption_prompt(Q)
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of past positions for one layer, [B, kv_heads, max_len, head_dim], for generation only.
 
-    `prefix` is a slot where an adapter may keep its prompt keys/values for the length of one generation.
+    `prompt_kv` is a slot where an adapter may keep its prompt keys/values for the length of one generation.
     """
 
     def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
         shape = (batch_size, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.prefix: Optional[object] = None
+        self.prompt_kv: Optional[object] = None
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int) -> tuple[torch.Tensor, ...]:
         self.k[:, :, input_pos] = k
@@ -78,8 +78,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
-        # The adapter seam: a module called as prefix(attention, q, prefix_input, kv_cache) -> [B, H, T, head_dim].
-        self.prefix: Optional[nn.Module] = None
+        # The adapter seam: a module called as adaption_prompt(attention, q, visual_tokens, kv_cache) -> [B, H, T, head_dim].
+        self.adaption_prompt: Optional[nn.Module] = None
 
     def forward(
         self,
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         input_pos: Optional[torch.Tensor] = None,
-        prefix_input: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
@@ -103,8 +103,8 @@ class Attention(nn.Module):
         else:
             gqa = self.n_kv_heads != self.n_heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        if self.prefix is not None:
-            y = y + self.prefix(self, q, prefix_input, kv_cache)
+        if self.adaption_prompt is not None:
+            y = y + self.adaption_prompt(self, q, visual_tokens, kv_cache)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -205,7 +205,7 @@ class LLaMA(nn.Module):
         self,
         idx: torch.Tensor,
         input_pos: Optional[torch.Tensor] = None,
-        prefix_input: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         last_only: bool = False,
@@ -216,7 +216,7 @@ class LLaMA(nn.Module):
         Without a KV cache the sequence starts at position 0 and attention is causal. With one (see
         `set_kv_cache`), `input_pos` [T] gives the positions of idx and the keys seen are positions 0..max(input_pos).
         `mask` (boolean [B, 1, T, S], True = attend) overrides the default causal mask, e.g. for left padding.
-        `prefix_input` (e.g. visual tokens) is handed to every attached adapter prefix.
+        `visual_tokens` (an adapter's encoded images) are handed to every attached adaption prompt.
         `positions` ([B, T], default input_pos) are the rotary positions of each row when they differ from the cache
         slots `input_pos`, e.g. in a left-padded batch where row b's first real token sits in slot pad_b.
         `last_only` returns the logits of the last position alone ([B, 1, vocab]): all that decoding needs, and the
@@ -234,7 +234,7 @@ class LLaMA(nn.Module):
         x = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
             cache = self.kv_caches[i] if self.kv_caches is not None else None
-            x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, prefix_input=prefix_input)
+            x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, visual_tokens=visual_tokens)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

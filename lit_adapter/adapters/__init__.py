@@ -1,6 +1,6 @@
 """LLaMA-Adapter V1 and V2 on a frozen LLaMA: prompts with zero-init gates, bias/scale, LoRA, visual prompts.
 
-`build_adapter_model(base, config)` attaches the adapters at the base model's seams (`Attention.prefix`, the linear
+`build_adapter_model(base, config)` attaches the adapters at the base model's seams (`Attention.adaption_prompt`, the linear
 modules, the norms) and freezes everything else; `load_adapter_model(checkpoint_dir, adapter)` does the same from
 files (ours or the official releases, see `io.py`).
 """
@@ -55,16 +55,16 @@ class AdapterModel(nn.Module):
         images: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
-        prefix_input: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
         has_image: Optional[torch.Tensor] = None,
         **llama_kwargs,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab]. `images` [B, 3, H, W] are encoded into visual tokens; `prefix_input` passes
+        """Logits [B, T, vocab]. `images` [B, 3, H, W] are encoded into visual tokens; `visual_tokens` passes
         already encoded visual tokens (e.g. once per generation). `has_image` [B] (bool): rows marked False get no
         visual prompt, exactly as if run without an image (their `images` rows are placeholders)."""
         if images is not None:
-            prefix_input = self.encode_images(images, has_image)
-        return self.llama(input_ids, input_pos=input_pos, prefix_input=prefix_input, mask=mask, **llama_kwargs)
+            visual_tokens = self.encode_images(images, has_image)
+        return self.llama(input_ids, input_pos=input_pos, visual_tokens=visual_tokens, mask=mask, **llama_kwargs)
 
     def encode_images(self, images: torch.Tensor, has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images [B, 3, H, W] -> visual tokens [B, visual_len or 1, dim]; rows where `has_image` is False get

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lit_adapter.adapters import AdapterModel
 
-VISUAL_GATE_SUFFIX = ".prefix.visual_gate"
+VISUAL_GATE_SUFFIX = ".adaption_prompt.visual_gate"
 
 
 def is_visual_parameter(name: str) -> bool:

@@ -37,7 +37,7 @@ from lit_adapter.checkpoint import (
     save_yaml,
 )
 from lit_adapter.config import ModelConfig
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
 from lit_adapter.model import LLaMA
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -110,7 +110,7 @@ def _read_official(
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike mean "not a readable checkpoint"
-        raise LitAdapterError(f"{path}: cannot read as a PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        raise LitAdapterError(f"{path}: cannot read as a PyTorch checkpoint ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise LitAdapterError(f"{path}: expected a state dict, got {type(data).__name__}")
     meta = data.get("config", {}) if isinstance(data.get("model"), dict) else {}
@@ -157,7 +157,7 @@ class _Mapper:
                            "(set adapter_len to the file's prompt length)")
         count = rows // adapter_len
         for j, block in enumerate(query.split(adapter_len)):
-            self.put(f"llama.layers.{n - count + j}.attention.prefix.prompt", key, block)
+            self.put(f"llama.layers.{n - count + j}.attention.adaption_prompt.prompt", key, block)
         return count
 
     def gate(self, key: str, layer: int, tensor: torch.Tensor, static: range, name: str = "gate") -> None:
@@ -167,7 +167,7 @@ class _Mapper:
         if tuple(tensor.shape) != (1, heads, 1, 1):
             self.fail(key, f"shape {list(tensor.shape)}, expected {[1, heads, 1, 1]} for {self.base.name!r}")
         if layer in static:  # the official models keep (unused) gates on layers without prompts
-            self.put(f"llama.layers.{layer}.attention.prefix.{name}", key, tensor)
+            self.put(f"llama.layers.{layer}.attention.adaption_prompt.{name}", key, tensor)
 
 
 def _linear_parent(name: str) -> str:
@@ -388,7 +388,7 @@ def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig) -> t
     """
     config, tensors = adapter.config, dict(adapter.tensors)
     merged = dict(weights)
-    has_prompts = any(".prefix." in key for key in tensors)
+    has_prompts = any(".adaption_prompt." in key for key in tensors)
     keep_lora = {"wk", "wv"} if has_prompts and not config.prompt_kv_lora else set()
     remaining: Tensors = {}
     for i in range(base.n_layers):

@@ -1,8 +1,8 @@
-"""Zero-init attention over adaption prompts: the module attached at `Attention.prefix` of each adapted layer.
+"""Zero-init attention over adaption prompts: the module attached at `Attention.adaption_prompt` of each adapted layer.
 
 For token queries Q (RoPE applied), each prompt P of the layer adds one separately normalised attention term:
 
-    prefix(Q) = new_gate * sum_P act(gate_P) * softmax(Q K_P^T / sqrt(d)) V_P,    K_P = wk(P), V_P = wv(P)
+    adaption_prompt(Q) = new_gate * sum_P act(gate_P) * softmax(Q K_P^T / sqrt(d)) V_P,    K_P = wk(P), V_P = wv(P)
 
 Prompt keys get no RoPE and no mask. With every gate at zero the term is exactly zero, so the adapted model starts
 as the frozen model. The prompts of a layer:
@@ -36,7 +36,7 @@ class GatedPrompt(nn.Module):
     Parameters (float32, cast to the activation dtype when used): `prompt` [K, dim] (random init, as nn.Embedding),
     `gate` [1, n_heads, 1, 1] and `visual_gate` [1, n_heads, 1, 1] (zero init), `new_gate` [1, 1, 1, 1] (init 1).
     Prompt keys/values are recomputed on every call, except during generation, where they are kept in the layer's
-    `kv_cache.prefix` for the length of that one generation.
+    `kv_cache.prompt_kv` for the length of that one generation.
     """
 
     def __init__(
@@ -77,19 +77,19 @@ class GatedPrompt(nn.Module):
             nn.init.ones_(self.new_gate)
 
     def forward(
-        self, attention: Attention, q: torch.Tensor, prefix_input: Optional[torch.Tensor], kv_cache: Optional[KVCache]
+        self, attention: Attention, q: torch.Tensor, visual_tokens: Optional[torch.Tensor], kv_cache: Optional[KVCache]
     ) -> torch.Tensor:
         """The gated prompt term [B, n_heads, T, head_dim] for queries q [B, n_heads, T, head_dim]."""
-        prompt_kv = kv_cache.prefix if kv_cache is not None else None
+        prompt_kv = kv_cache.prompt_kv if kv_cache is not None else None
         if prompt_kv is None:
-            prompt_kv = self.keys_values(attention, prefix_input, q.dtype)
+            prompt_kv = self.keys_values(attention, visual_tokens, q.dtype)
             if kv_cache is not None:
-                kv_cache.prefix = prompt_kv
+                kv_cache.prompt_kv = prompt_kv
         term = None
         for name, (keys, values) in prompt_kv.items():
             gate = gate_activation(self.activation, self.gate if name == "static" else self.visual_gate).to(q.dtype)
-            if name == "visual" and prefix_input is not None:
-                gate = gate * image_rows(prefix_input, q.dtype)
+            if name == "visual" and visual_tokens is not None:
+                gate = gate * image_rows(visual_tokens, q.dtype)
             # written out, not SDPA: with ~10 keys 1.4x (float32) to 3x (bf16) faster forward + backward on CPU; the
             # gate scales the probabilities, so its gradient keeps [T, K] probabilities, not the [T, d] output
             part = explicit_attention(q, keys, values, weight=gate)
@@ -98,10 +98,10 @@ class GatedPrompt(nn.Module):
             return torch.zeros_like(q)
         return term if self.new_gate is None else self.new_gate.to(q.dtype) * term
 
-    def keys_values(self, attention: Attention, prefix_input: Optional[torch.Tensor], dtype: torch.dtype) -> PromptKV:
+    def keys_values(self, attention: Attention, visual_tokens: Optional[torch.Tensor], dtype: torch.dtype) -> PromptKV:
         """Keys and values [B or 1, kv_heads, length, head_dim] of each prompt of this layer."""
         prompt_kv: PromptKV = {}
-        visual = prefix_input.to(dtype) if prefix_input is not None else None
+        visual = visual_tokens.to(dtype) if visual_tokens is not None else None
         if self.prompt is not None:
             tokens = self.prompt.to(dtype)[None]
             if self.fuse_visual and visual is not None:
@@ -132,7 +132,7 @@ def image_rows(visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
-    """Attach a GatedPrompt at `Attention.prefix` of every layer that has a static or an early visual prompt."""
+    """Attach a GatedPrompt at `Attention.adaption_prompt` of every layer that has a static or an early visual prompt."""
     n = llama.config.n_layers
     static_layers = set(config.static_layers(n))
     visual_layers = set(config.visual_prompt_layers(n))
@@ -141,7 +141,7 @@ def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
         static, visual_prompt = index in static_layers, index in visual_layers
         if not (static or visual_prompt):
             continue
-        block.attention.prefix = GatedPrompt(
+        block.attention.adaption_prompt = GatedPrompt(
             llama.config.dim,
             llama.config.n_heads,
             config.adapter_len,

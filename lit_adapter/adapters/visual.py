@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lit_adapter.config import check_known_keys
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
 
 TINY_CLIP_MODEL = "lit-adapter-tiny-vit"
 _TINY_CLIP_CONFIG = {
@@ -292,8 +292,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
         state = load_open_clip().factory.load_state_dict(str(path))
     except Exception as err:  # torch/safetensors raise many types for unreadable files
-        reason = str(err).splitlines()[0] if str(err) else repr(err)
-        raise LitAdapterError(f"cannot read CLIP weights {path}: {reason}") from err
+        raise LitAdapterError(f"cannot read CLIP weights {path}: {first_line(err)}") from err
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -320,7 +319,7 @@ def _load_image_tower(model: nn.Module, path: Path, clip_model: str) -> None:
 
 def _first_mismatch(err: RuntimeError) -> str:
     lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-    return lines[0] if lines else str(err).splitlines()[0]
+    return lines[0] if lines else first_line(err)
 
 
 class _RandomInitNotice(logging.Filter):
@@ -361,7 +360,7 @@ def build_clip_encoder(config: VisualConfig, device: Optional[torch.device | str
                 pretrained_text=False,
             )
         except (RuntimeError, OSError) as err:
-            reason = str(err).splitlines()[0] if str(err) else repr(err)
+            reason = first_line(err)
             if tag is None:
                 raise LitAdapterError(f"cannot build open_clip model {name!r}: {reason}") from err
             raise LitAdapterError(

@@ -7,7 +7,6 @@ so the resident part of the source never grows past one chunk while the converte
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -17,7 +16,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.files import read_json
 
 # bytes of source weights kept mapped at once; small enough to be noise next to the converted copy
 CHUNK_BYTES = 128 * 2**20
@@ -27,18 +27,7 @@ def read_json_object(path: Path, missing: str) -> dict:
     """A JSON file holding an object (params.json, config.json); `missing` says why the file is needed."""
     if not path.is_file():
         raise LitAdapterError(f"{path}: missing; {missing}")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise LitAdapterError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LitAdapterError(f"{path}: expected a JSON object")
-    return data
-
-
-def first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return read_json(path, path.name, expect=dict)
 
 
 class WeightsFile:

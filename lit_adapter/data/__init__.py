@@ -1,6 +1,6 @@
-"""Data: prompt styles, record validation, instruction / caption / ScienceQA data modules, built-in demo data.
+"""Data: the typed batch, record validation, instruction / caption / ScienceQA data modules, built-in demo data.
 
-Names are imported on first use, so that `lit_adapter.data.prompts` stays light for generation (no Lightning).
+Names are imported on first use, so that importing one data module does not import them all (nor Lightning).
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from typing import Any
 _EXPORTS = {
     "BUILTIN_DEMO": "demo",
     "CaptionDataModule": "caption",
-    "IGNORE_INDEX": "encoding",
+    "IGNORE_INDEX": "batch",
     "InstructionDataModule": "instruction",
+    "JointDataModule": "joint",
     "PAD_ID": "encoding",
-    "PROMPT_STYLES": "prompts",
-    "PromptStyle": "prompts",
     "ScienceQADataModule": "scienceqa",
     "ScienceQAProblem": "scienceqa",
     "build_prompt": "scienceqa",
     "collate": "encoding",
-    "get_prompt_style": "prompts",
     "load_problems": "scienceqa",
     "target_text": "scienceqa",
 }

@@ -27,9 +27,9 @@ from lit_adapter.data.encoding import (
     save_encoded,
     split_groups,
 )
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.data.records import RecordReport, announce, check_on_bad_record
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 # show a progress bar when a source has at least this many records

@@ -27,9 +27,9 @@ from lit_adapter.data.records import (
     string_field,
 )
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.images import load_image
+from lit_adapter.prompts import CAPTION_INSTRUCTION
 from lit_adapter.tokenizer import Tokenizer
-
-CAPTION_INSTRUCTION = "Generate caption of this image"
 
 
 class CaptionDataModule(TokenizedDataModule):
@@ -198,11 +198,3 @@ class ImageLoader:
         return {"image": load_image(Path(self.paths[index]), self.transform)}
 
 
-def load_image(path: Path, transform: Callable) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return transform(image.convert("RGB"))
-    except OSError as err:
-        raise LitAdapterError(f"{path}: cannot read image ({err}); it was readable when prepared") from None

@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lit_adapter.checkpoint import atomic_path
-from lit_adapter.data.prompts import Segment
+from lit_adapter.data.batch import IGNORE_INDEX
 from lit_adapter.data.records import RecordReport
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import atomic_path
+from lit_adapter.prompts import Segment
 from lit_adapter.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 PAD_ID = 0
 CACHE_FORMAT = 1
 NO_RESPONSE_LEFT = "no response token within max_seq_length"

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from lit_adapter.data.base import PROGRESS_MIN_RECORDS, TokenizedDataModule
 from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, encode_segments
-from lit_adapter.data.prompts import CHAT, PromptStyle, Segment, Turn
 from lit_adapter.data.records import (
     BadRecord,
     RecordGate,
@@ -23,6 +22,7 @@ from lit_adapter.data.records import (
     record_object,
     string_field,
 )
+from lit_adapter.prompts import CHAT, PromptStyle, Segment, Turn
 from lit_adapter.tokenizer import Tokenizer
 
 HUMAN_ROLES = {"human", "user"}

@@ -7,23 +7,22 @@ Target: "The answer is (X)." Images live in `images/<split>/<pid>/image.png` (th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from lit_adapter.data.base import TokenizedDataModule
-from lit_adapter.data.caption import load_image
 from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, TokenizedDataset, encode_segments
-from lit_adapter.data.prompts import PromptStyle, get_prompt_style
 from lit_adapter.data.records import BadRecord, RawRecord, RecordGate, RecordReport, check_image
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import read_json
+from lit_adapter.images import load_image
+from lit_adapter.prompts import OPTION_LETTERS, PromptStyle, get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"
 
@@ -57,14 +56,22 @@ class ScienceQAProblem:
 
     @property
     def grade_number(self) -> int:
-        return int(self.grade.removeprefix("grade"))
+        return grade_number(self.grade, self.pid)
+
+
+def grade_number(grade: Any, pid: str = "?") -> int:
+    """1..12 from the official "grade7" (or a plain number)."""
+    text = str(grade).strip().lower().removeprefix("grade")
+    if not text.isdigit() or not 1 <= int(text) <= 12:
+        raise LitAdapterError(f"problem {pid}: grade {grade!r} is not grade1..grade12")
+    return int(text)
 
 
 def load_problems(data_dir: Union[str, Path], split: str) -> list[ScienceQAProblem]:
     """The problems of `split` (a key of pid_splits.json: train, val, test, minival, minitest, ...), in file order."""
     data_dir = Path(data_dir)
-    problems = _read_json(data_dir / PROBLEMS_FILE)
-    splits = _read_json(data_dir / SPLITS_FILE)
+    problems = read_json(data_dir / PROBLEMS_FILE, PROBLEMS_FILE)
+    splits = read_json(data_dir / SPLITS_FILE, SPLITS_FILE)
     if not isinstance(problems, dict) or not isinstance(splits, dict):
         raise LitAdapterError(f"{data_dir}: {PROBLEMS_FILE} and {SPLITS_FILE} must each hold a JSON object")
     if split not in splits:
@@ -82,7 +89,7 @@ def load_problems(data_dir: Union[str, Path], split: str) -> list[ScienceQAProbl
 
 def load_captions(path: Union[str, Path]) -> dict[str, str]:
     """`{"captions": {pid: text}}` (the official captions.json) -> {pid: text}."""
-    data = _read_json(Path(path))
+    data = read_json(path, "caption file")
     captions = data.get("captions") if isinstance(data, dict) else None
     if not isinstance(captions, dict):
         raise LitAdapterError(f"{path}: expected {{\"captions\": {{pid: text}}}}")
@@ -111,15 +118,6 @@ def image_path(problem: ScienceQAProblem, image_dir: Path) -> Optional[Path]:
     candidates = [image_dir / problem.split / problem.pid / problem.image] if problem.split else []
     candidates.append(image_dir / problem.pid / problem.image)
     return next((path for path in candidates if path.is_file()), candidates[0])
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LitAdapterError(f"{path}: not valid JSON ({err})") from None
 
 
 def _problem(pid: str, raw: dict, source: Path) -> ScienceQAProblem:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.evaluation.records import (
+from lit_adapter.evaluation.results import (
     METRICS_FILE,
     PredictionLog,
     check_settings,

@@ -13,14 +13,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from lit_adapter.data.encoding import encode_segments
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.data.scienceqa import ScienceQAProblem, build_prompt, image_path, training_segments
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.evaluation.records import prediction_record
+from lit_adapter.evaluation.results import prediction_record
 from lit_adapter.evaluation.scienceqa import OPTION_LETTERS, parse_answer
+from lit_adapter.images import load_image
 from lit_adapter.inference.generate import generate_batch
-from lit_adapter.inference.images import open_image
 from lit_adapter.inference.stream import cut_at_stop
+from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 
@@ -35,7 +35,7 @@ class ImageLoader:
         self.transform = transform
 
     def __call__(self, problem: ScienceQAProblem) -> torch.Tensor:
-        return self.transform(open_image(image_path(problem, self.image_dir)))
+        return load_image(image_path(problem, self.image_dir), self.transform)
 
 
 class ScienceQAPredictor:
@@ -102,7 +102,7 @@ class ScienceQAPredictor:
                 truncated.append(cut)
             outputs = generate_batch(
                 self.model.llama, prompts, max_new_tokens, eos_id=self.tokenizer.eos_id,
-                prefix_input=self.visual_tokens(part), should_stop=self.reached_stop_sequence,
+                visual_tokens=self.visual_tokens(part), should_stop=self.reached_stop_sequence,
             )
             for problem, tokens, cut in zip(part, outputs, truncated, strict=True):
                 text, _ = cut_at_stop(self.tokenizer.decode(tokens), self.style.stop_sequences)
@@ -167,6 +167,6 @@ class ScienceQAPredictor:
             tokens[row, : len(ids)] = torch.tensor(ids, device=self.device)
             scored[row, start - 1: end - 1] = True  # the logits at t predict token t + 1
         prefix = None if visual is None else visual[torch.tensor(owners, device=self.device)]
-        logits = self.model.llama(tokens, prefix_input=prefix)[:, :-1].float()
+        logits = self.model.llama(tokens, visual_tokens=prefix)[:, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
         return torch.where(scored, log_probs, 0.0).sum(dim=-1).tolist()

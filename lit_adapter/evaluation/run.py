@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from lit_adapter.checkpoint import tokenizer_path
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.evaluation.records import PredictionLog
+from lit_adapter.evaluation.results import PredictionLog
 from lit_adapter.tokenizer import Tokenizer
 
 
@@ -61,8 +61,8 @@ def build_predictor(
 ):
     from lit_adapter.adapters import load_adapter_model
     from lit_adapter.data.scienceqa import load_captions
+    from lit_adapter.devices import resolve_device, resolve_dtype
     from lit_adapter.evaluation.predict import ImageLoader, ScienceQAPredictor
-    from lit_adapter.inference.engine import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     model, config = load_adapter_model(checkpoint_dir, adapter, dev, resolve_dtype(precision, dev))

@@ -14,9 +14,10 @@ from typing import Any, Optional, Protocol
 import torch
 from torchmetrics import MeanMetric
 
+from lit_adapter.data.scienceqa import grade_number
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import OPTION_LETTERS
 
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 COLUMNS = ("Avg", *CATEGORIES)
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
@@ -60,14 +61,6 @@ def parse_answer(text: str, num_choices: int) -> Optional[int]:
         return None
     index = OPTION_LETTERS.index(letters.pop())
     return index if index < num_choices else None
-
-
-def grade_number(grade: Any, pid: str = "?") -> int:
-    """1..12 from the official "grade7" (or a plain number)."""
-    text = str(grade).strip().lower().removeprefix("grade")
-    if not text.isdigit() or not 1 <= int(text) <= 12:
-        raise LitAdapterError(f"problem {pid}: grade {grade!r} is not grade1..grade12")
-    return int(text)
 
 
 def categories(problem: ScoredProblem) -> list[str]:

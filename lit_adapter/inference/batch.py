@@ -12,7 +12,6 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import atomic_path
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.engine import Decoding, Engine, ExpertSlot, build_prompt
 from lit_adapter.inference.experts import Expert
@@ -135,7 +134,7 @@ def decode_chunk(
 
     outputs = generate_batch(
         engine.llama, list(prompts), decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
-        engine.tokenizer.eos_id, prefix_input=engine.visual_tokens(images), generator=generator,
+        engine.tokenizer.eos_id, visual_tokens=engine.visual_tokens(images), generator=generator,
         should_stop=should_stop if decoding.stop else None,
     )
     return [(cut_at_stop(decode(tokens), decoding.stop)[0], len(tokens)) for tokens in outputs]
@@ -151,8 +150,3 @@ def result_row(record: PromptRecord, text: str, prompt_tokens: int, new_tokens: 
     return row
 
 
-def write_jsonl(rows: Sequence[dict], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")

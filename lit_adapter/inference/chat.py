@@ -10,9 +10,9 @@ from typing import Optional, TextIO
 import torch
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.images import check_image
 from lit_adapter.inference.engine import Completion, Decoding, Engine, ExpertSlot, with_context
 from lit_adapter.inference.experts import Expert
-from lit_adapter.inference.images import check_image
 
 HELP = "commands: /image PATH (talk about an image), /reset (forget the conversation), /exit"
 

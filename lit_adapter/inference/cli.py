@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
+from lit_adapter.devices import PRECISION_DTYPES, peak_memory_gb, resolve_device, resolve_dtype  # noqa: F401
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.inference.batch import generate_records, read_prompts, write_jsonl
+from lit_adapter.files import write_jsonl
+from lit_adapter.inference.batch import generate_records, read_prompts
 from lit_adapter.inference.engine import (
     ADAPTER_DECODING,
     BASE_DECODING,
     CHAT_DECODING,
-    PRECISION_DTYPES,  # noqa: F401  (re-exported)
     Completion,
     Decoding,
     Engine,
@@ -24,8 +25,6 @@ from lit_adapter.inference.engine import (
     Precision,
     build_prompt,
     resolve_decoding,
-    resolve_device,  # noqa: F401  (re-exported)
-    resolve_dtype,  # noqa: F401  (re-exported)
 )
 from lit_adapter.inference.experts import Expert, load_expert
 
@@ -35,14 +34,6 @@ REPEATABLE = ("--stop",)
 
 def read_prompt(prompt: str) -> str:
     return sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def generate(

@@ -11,17 +11,17 @@ from typing import Literal, Optional
 import torch
 
 from lit_adapter.checkpoint import load_config, load_model, tokenizer_path
-from lit_adapter.data.prompts import PromptStyle, get_prompt_style
+from lit_adapter.devices import resolve_device, resolve_dtype
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.images import check_image, load_images
 from lit_adapter.inference.experts import Expert
 from lit_adapter.inference.generate import generate_tokens
-from lit_adapter.inference.images import check_image, load_images
 from lit_adapter.inference.stream import StopFilter
 from lit_adapter.model import LLaMA
+from lit_adapter.prompts import PromptStyle, get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 Precision = Literal["auto", "32-true", "bf16-true", "16-true"]
-PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 ExpertSlot = Literal["input", "instruction"]
 
 
@@ -43,20 +43,6 @@ def column_major_weights(model: torch.nn.Module) -> None:
             continue
         if weight.dtype == torch.float32 and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return PRECISION_DTYPES[precision]
 
 
 @dataclass(frozen=True)
@@ -193,7 +179,7 @@ class Engine:
         self,
         prompt_ids: torch.Tensor,
         decoding: Decoding,
-        prefix_input: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         completion: Optional[Completion] = None,
     ) -> Iterator[str]:
@@ -204,7 +190,7 @@ class Engine:
         start = time.perf_counter()
         tokens = generate_tokens(
             self.llama, prompt_ids, decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
-            self.tokenizer.eos_id, prefix_input=prefix_input, generator=generator,
+            self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
         )
         limit = min(decoding.max_new_tokens, self.context_length - prompt_ids.numel())
         try:
@@ -229,11 +215,11 @@ class Engine:
         self,
         prompt_ids: torch.Tensor,
         decoding: Decoding,
-        prefix_input: Optional[torch.Tensor] = None,
+        visual_tokens: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Completion:
         completion = Completion(prompt_tokens=prompt_ids.numel())
-        for _ in self.stream(prompt_ids, decoding, prefix_input, generator, completion):
+        for _ in self.stream(prompt_ids, decoding, visual_tokens, generator, completion):
             pass
         return completion
 
@@ -241,7 +227,7 @@ class Engine:
         """Greedy answer to `instruction` about `image` in the adapter's own template (the self-caption expert)."""
         ids = self.encode(self.adapter_style.apply(instruction))
         decoding = Decoding(max_new_tokens=max_new_tokens, stop=self.adapter_style.stop_sequences)
-        return self.complete(ids, decoding, prefix_input=self.visual_tokens([image])).text
+        return self.complete(ids, decoding, visual_tokens=self.visual_tokens([image])).text
 
 
 def build_prompt(

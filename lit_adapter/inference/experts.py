@@ -12,16 +12,15 @@ An expert is chosen by a spec string:
 from __future__ import annotations
 
 import importlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from lit_adapter.errors import LitAdapterError
-from lit_adapter.inference.images import open_image
-
-CAPTION_INSTRUCTION = "Generate caption of this image"
+from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.files import read_json
+from lit_adapter.images import open_image
+from lit_adapter.prompts import CAPTION_INSTRUCTION
 
 # (image path, instruction) -> generated text: a loaded multimodal model answering about one image
 Captioner = Callable[[Path, str], str]
@@ -56,12 +55,7 @@ class CaptionFileExpert(Expert):
 
 
 def read_caption_map(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: caption file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LitAdapterError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, "caption file")
     if isinstance(data, Mapping) and isinstance(data.get("captions"), Mapping):
         data = data["captions"]
     if not isinstance(data, Mapping) or not all(isinstance(v, str) for v in data.values()):
@@ -90,7 +84,7 @@ class OCRExpert(Expert):
         try:
             return " ".join(self.backend(image).split())
         except Exception as err:  # OCR engines raise many types (missing binary, model download failure)
-            raise LitAdapterError(f"{image}: OCR failed ({str(err).splitlines()[0] if str(err) else err!r})") from None
+            raise LitAdapterError(f"{image}: OCR failed ({first_line(err)})") from None
 
 
 def _ocr_backend() -> Callable[[Path], str]:

@@ -45,7 +45,7 @@ def generate_tokens(
     top_k: Optional[int] = None,
     top_p: float = 1.0,
     eos_id: Optional[int] = None,
-    prefix_input: Optional[torch.Tensor] = None,
+    visual_tokens: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time for a 1-D prompt, stopping at EOS (not yielded) or max_new_tokens."""
@@ -63,7 +63,7 @@ def generate_tokens(
         tokens = prompt[None]
         for _ in range(max_new_tokens):
             with one_row_kernels(tokens):
-                logits = model(tokens, input_pos=input_pos, prefix_input=prefix_input, last_only=True)[:, -1]
+                logits = model(tokens, input_pos=input_pos, visual_tokens=visual_tokens, last_only=True)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_token)
             if eos_id is not None and token == eos_id:
@@ -130,14 +130,14 @@ def generate_batch(
     top_k: Optional[int] = None,
     top_p: float = 1.0,
     eos_id: Optional[int] = None,
-    prefix_input: Optional[torch.Tensor] = None,
+    visual_tokens: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> list[list[int]]:
     """New token ids for each 1-D prompt, decoded together: left padding, a padding mask, per-row positions.
 
     A row ends at EOS (not included), at max_new_tokens, or when `should_stop(row, tokens)` says so; greedy results
-    equal those of `generate_tokens` one prompt at a time. `prefix_input` has one row per prompt (or one, shared).
+    equal those of `generate_tokens` one prompt at a time. `visual_tokens` has one row per prompt (or one, shared).
     """
     if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be non-empty 1-D tensors of token ids")
@@ -155,7 +155,7 @@ def generate_batch(
         for _ in range(max_new_tokens):
             mask = padded_mask(pads, slots, int(slots[-1]) + 1)
             with one_row_kernels(tokens):
-                logits = model(tokens, input_pos=slots, prefix_input=prefix_input, mask=mask,
+                logits = model(tokens, input_pos=slots, visual_tokens=visual_tokens, mask=mask,
                                positions=row_positions(pads, slots), last_only=True)
             next_tokens = sample(logits[:, -1], temperature, top_k, top_p, generator)
             for row, token in enumerate(next_tokens.tolist()):

@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from lit_adapter.checkpoint import atomic_path
+from lit_adapter.files import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

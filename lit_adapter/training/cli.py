@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from lit_adapter.data.joint import JointDataModule
 from lit_adapter.training.checkpoint_io import AtomicCheckpointIO
-from lit_adapter.training.joint import JointDataModule
 from lit_adapter.training.module import LitAdapterModule
 
 DEFAULT_ROOT = "out/lit-adapter"

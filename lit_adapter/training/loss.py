@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lit_adapter.data.batch import IGNORE_INDEX
+
 CHUNK_LOGITS = 2**23  # logits per chunk: 32 MiB in float32 (262 rows of a 32K vocabulary); larger chunks gain nothing
 LossSum = tuple[torch.Tensor, torch.Tensor]
 

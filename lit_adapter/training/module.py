@@ -28,14 +28,15 @@ from lightning.pytorch import LightningModule
 from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
 from lit_adapter.adapters.groups import parameter_groups
 from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, load_model, save_yaml, tokenizer_path
+from lit_adapter.data.joint import CAPTION, INSTRUCTION, SOURCE_KEY
+from lit_adapter.devices import peak_memory_gb
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.model import Block
-from lit_adapter.training.joint import CAPTION, INSTRUCTION, SOURCE_KEY
 from lit_adapter.training.loss import head_cross_entropy
 from lit_adapter.training.names import STATE_PREFIX, clean_name
 from lit_adapter.training.optim import decay_groups, initialise_adamw_state
 from lit_adapter.training.precision import default_dtype, trainable_to_float32
-from lit_adapter.training.report import format_summary, peak_memory_gb
+from lit_adapter.training.report import format_summary
 from lit_adapter.training.schedule import resolve_warmup_steps, warmup_cosine
 
 SOURCE_GROUP = {CAPTION: "visual", INSTRUCTION: "language"}

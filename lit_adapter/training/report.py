@@ -1,19 +1,9 @@
-"""What a run reports: peak memory, and the summary printed at the end of fit."""
+"""The summary printed at the end of fit."""
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 from typing import Any, Optional
-
-import torch
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory allocated (CUDA), else the process's peak resident memory (CPU runs)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 def format_summary(figures: dict[str, Any], exported: Optional[Path]) -> str:

@@ -90,15 +90,15 @@ def reference_adapter(model: AdapterModel, visual_tokens: torch.Tensor | None) -
         prompt_linear=None if config.prompt_kv_lora else explicit_linear(model, with_lora=False),
     )
     for i, block in enumerate(model.llama.layers):
-        prefix = block.attention.prefix
-        if prefix is None:
+        prompt = block.attention.adaption_prompt
+        if prompt is None:
             continue
-        if prefix.prompt is not None:
-            adapter.prompts[i], adapter.gates[i] = prefix.prompt.detach().to(dtype), prefix.gate.detach().to(dtype)
-        if prefix.visual_gate is not None:
-            adapter.early_gates[i] = prefix.visual_gate.detach().to(dtype)
-        if prefix.new_gate is not None:
-            adapter.new_gates[i] = prefix.new_gate.detach().to(dtype)
+        if prompt.prompt is not None:
+            adapter.prompts[i], adapter.gates[i] = prompt.prompt.detach().to(dtype), prompt.gate.detach().to(dtype)
+        if prompt.visual_gate is not None:
+            adapter.early_gates[i] = prompt.visual_gate.detach().to(dtype)
+        if prompt.new_gate is not None:
+            adapter.new_gates[i] = prompt.new_gate.detach().to(dtype)
     if visual_tokens is not None:
         if config.fusion == "late":
             adapter.late_visual = visual_tokens

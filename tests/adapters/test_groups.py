@@ -24,9 +24,9 @@ def test_groups_are_disjoint_and_cover_the_trainable_set(stories260k, mode):
         return
     expected_visual = {n for n in trainable if n.startswith("visual.")}
     if MODES[mode].fusion == "early":  # the early zero-init gated attention learns from captions
-        expected_visual |= {f"llama.layers.{i}.attention.prefix.visual_gate" for i in range(2)}
+        expected_visual |= {f"llama.layers.{i}.attention.adaption_prompt.visual_gate" for i in range(2)}
     assert set(visual) == expected_visual
-    static = {n for n in trainable if n.endswith((".prefix.prompt", ".prefix.gate"))}
+    static = {n for n in trainable if n.endswith((".adaption_prompt.prompt", ".adaption_prompt.gate"))}
     assert static and static <= set(language)
     if MODES[mode].train_norms:
         assert "llama.norm.weight" in language and "llama.layers.0.attention.wq.bias" in language
@@ -36,5 +36,5 @@ def test_groups_follow_requires_grad(stories260k):
     model = build_adapter_model(stories260k, MODES["v2-early"])
     model.visual.requires_grad_(False)  # e.g. a phase that trains the language side only
     groups = parameter_groups(model)
-    assert {n for n, _ in groups["visual"]} == {"llama.layers.0.attention.prefix.visual_gate",
-                                                "llama.layers.1.attention.prefix.visual_gate"}
+    assert {n for n, _ in groups["visual"]} == {"llama.layers.0.attention.adaption_prompt.visual_gate",
+                                                "llama.layers.1.attention.adaption_prompt.visual_gate"}

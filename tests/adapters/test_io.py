@@ -88,11 +88,12 @@ def test_wrong_shape_with_a_matching_hash_names_the_key(stories260k, tmp_path):
     model = build_adapter_model(stories260k, MODES["v1"])
     save_adapter(model, tmp_path / "adapter")
     tensors = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    tensors["llama.layers.3.attention.prefix.prompt"] = torch.zeros(5, DIM)
+    tensors["llama.layers.3.attention.adaption_prompt.prompt"] = torch.zeros(5, DIM)
     save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
     with pytest.raises(LitAdapterError) as err:
         load_adapter(LLaMA(stories260k.config), tmp_path / "adapter")
-    one_line_error(err, "adapter.safetensors", "'llama.layers.3.attention.prefix.prompt'", "[5, 64]", "[4, 64]")
+    key = "'llama.layers.3.attention.adaption_prompt.prompt'"
+    one_line_error(err, "adapter.safetensors", key, "[5, 64]", "[4, 64]")
 
 
 def test_an_adapter_model_with_another_config_is_refused(stories260k, tmp_path):
@@ -223,7 +224,7 @@ def test_official_v2_file_computes_the_official_formula(stories260k, tmp_path, c
         norms={k.removeprefix("llama."): v.double() for k, v in sd.items() if k.endswith("norm.weight")},
     )
     with torch.no_grad():
-        logits = model(IDS, prefix_input=visual_tokens)
+        logits = model(IDS, visual_tokens=visual_tokens)
         torch.testing.assert_close(logits, reference_logits(weights, model.config, IDS, reference), atol=1e-6, rtol=0)
 
 

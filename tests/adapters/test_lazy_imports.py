@@ -19,7 +19,7 @@ TEXT_ONLY = (
     "lit_adapter.model",
     "lit_adapter.inference.generate",
     "lit_adapter.inference.engine",
-    "lit_adapter.inference.images",
+    "lit_adapter.images",
     "lit_adapter.cli",
 )
 # These import lightning, and lightning itself imports torchvision: only open_clip and timm must stay out.

@@ -140,5 +140,5 @@ def test_reset_parameters_after_meta_device_construction():
     for module in model.llama.modules():
         if hasattr(module, "reset_parameters") and list(module.parameters(recurse=False)):
             module.reset_parameters()
-    assert torch.equal(params["llama.layers.1.attention.prefix.gate"], torch.zeros(1, 4, 1, 1))
+    assert torch.equal(params["llama.layers.1.attention.adaption_prompt.gate"], torch.zeros(1, 4, 1, 1))
     assert torch.equal(params["llama.layers.0.feed_forward.w2.scale"], torch.ones(32))

@@ -44,10 +44,10 @@ def test_gated_prompt_term_equals_two_softmax_reference(stories260k, mode):
         return hook
 
     for index, block in enumerate(model.llama.layers):
-        if block.attention.prefix is not None:
-            block.attention.prefix.register_forward_hook(capture(index))
+        if block.attention.adaption_prompt is not None:
+            block.attention.adaption_prompt.register_forward_hook(capture(index))
     with torch.no_grad():
-        model(IDS, prefix_input=visual)
+        model(IDS, visual_tokens=visual)
     reference = reference_adapter(model, visual)
     assert captured
     for index, (q, out) in captured.items():
@@ -67,7 +67,7 @@ def test_logits_with_open_gates_equal_the_reference_model(stories260k, mode, flo
     randomize(model)
     visual = visual_tokens(model)
     with torch.no_grad():
-        logits = model(IDS, prefix_input=visual)
+        logits = model(IDS, visual_tokens=visual)
         plain = reference_logits(base, model.config, IDS, Adapter())
         expected = reference_logits(base, model.config, IDS, reference_adapter(model, visual))
     torch.testing.assert_close(plain, base_logits, atol=1e-6, rtol=0)
@@ -78,11 +78,12 @@ def test_logits_with_open_gates_equal_the_reference_model(stories260k, mode, flo
 def test_grouped_query_attention_prompts_use_the_kv_heads(stories260k):
     assert stories260k.config.n_kv_heads * 2 == stories260k.config.n_heads  # 4 KV heads for 8 query heads
     model = build_adapter_model(stories260k, MODES["v2-early"])
-    prefix = model.llama.layers[0].attention.prefix
+    prompt = model.llama.layers[0].attention.adaption_prompt
     attention = model.llama.layers[0].attention
-    kv = prefix.keys_values(attention, visual_tokens(model), torch.float32)
+    kv = prompt.keys_values(attention, visual_tokens(model), torch.float32)
     assert kv["visual"][0].shape == (2, 4, 3, 8)
-    kv = model.llama.layers[4].attention.prefix.keys_values(model.llama.layers[4].attention, None, torch.float32)
+    attention = model.llama.layers[4].attention
+    kv = attention.adaption_prompt.keys_values(attention, None, torch.float32)
     assert kv["static"][0].shape == (1, 4, 4, 8)  # one set of prompt keys shared across the batch
 
 
@@ -102,7 +103,7 @@ def test_eval_pass_then_training_step_trains_the_prompts(stories260k):
     model.eval()
     with torch.no_grad():
         model(IDS, images=pics)
-    list(generate_tokens(model, IDS[0], 3, prefix_input=visual_tokens(model, 1)))
+    list(generate_tokens(model, IDS[0], 3, visual_tokens=visual_tokens(model, 1)))
     for module in gated_prompts(model).values():
         assert not [k for k, v in vars(module).items() if isinstance(v, torch.Tensor)]
     model.train()
@@ -129,22 +130,22 @@ def test_kv_cached_decoding_equals_uncached_recomputation(stories260k, mode, mon
     for seed in (0, 1):  # a second generation with another image must not reuse the first one's prompt keys
         visual = visual_tokens(model, 1, seed)
         with torch.no_grad():
-            full = model(ids, prefix_input=visual)
+            full = model(ids, visual_tokens=visual)
             calls.clear()
             model.set_kv_cache(1, ids.shape[1])
-            steps = [model(ids[:, :4], input_pos=torch.arange(4), prefix_input=visual)]
-            steps += [model(ids[:, t : t + 1], input_pos=torch.tensor([t]), prefix_input=visual)
+            steps = [model(ids[:, :4], input_pos=torch.arange(4), visual_tokens=visual)]
+            steps += [model(ids[:, t : t + 1], input_pos=torch.tensor([t]), visual_tokens=visual)
                       for t in range(4, ids.shape[1])]
             layers = model.llama.layers
-            assert all(cache.prefix is not None for cache, block in zip(model.llama.kv_caches, layers, strict=True)
-                       if block.attention.prefix is not None)
+            assert all(cache.prompt_kv is not None for cache, block in zip(model.llama.kv_caches, layers, strict=True)
+                       if block.attention.adaption_prompt is not None)
             model.clear_kv_cache()
         assert len(calls) == len(gated_prompts(model))  # prompt keys/values computed once per generation
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-9, rtol=0)
 
-        generated = list(generate_tokens(model, ids[0], 5, prefix_input=visual))
+        generated = list(generate_tokens(model, ids[0], 5, visual_tokens=visual))
         sequence = ids[0].tolist()
         with torch.no_grad():
             for _ in range(5):
-                sequence.append(int(model(torch.tensor([sequence]), prefix_input=visual)[0, -1].argmax()))
+                sequence.append(int(model(torch.tensor([sequence]), visual_tokens=visual)[0, -1].argmax()))
         assert generated == sequence[ids.shape[1]:]

@@ -10,8 +10,8 @@ import torch
 from lit_adapter.data import instruction as instruction_module
 from lit_adapter.data.encoding import IGNORE_INDEX, LengthGroupedSampler, collate
 from lit_adapter.data.instruction import InstructionDataModule
-from lit_adapter.data.prompts import ALPACA, CHAT_SYSTEM
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import ALPACA, CHAT_SYSTEM
 
 
 @pytest.fixture(scope="module")

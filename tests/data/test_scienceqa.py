@@ -8,7 +8,6 @@ import torch
 
 from lit_adapter.adapters.visual import TINY_CLIP_MODEL, image_transform
 from lit_adapter.data.encoding import IGNORE_INDEX, collate
-from lit_adapter.data.prompts import ALPACA
 from lit_adapter.data.scienceqa import (
     ScienceQADataModule,
     ScienceQADataset,
@@ -18,6 +17,7 @@ from lit_adapter.data.scienceqa import (
     target_text,
 )
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import ALPACA
 from tests.data.conftest import write_image
 
 

@@ -19,10 +19,10 @@ from lit_adapter.adapters.io import save_adapter
 from lit_adapter.checkpoint import load_model, tokenizer_path
 from lit_adapter.cli import main
 from lit_adapter.data.encoding import encode_segments
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.data.scienceqa import build_prompt, load_problems, training_segments
 from lit_adapter.evaluation.scienceqa import COLUMNS, ScienceQAScorer, parse_answer
 from lit_adapter.inference.generate import generate_tokens
+from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 ALPACA = get_prompt_style("alpaca")

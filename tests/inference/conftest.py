@@ -11,9 +11,9 @@ from PIL import Image
 from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
 from lit_adapter.adapters.visual import TINY_CLIP_MODEL, VisualConfig
 from lit_adapter.checkpoint import tokenizer_path
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.inference.engine import Engine
 from lit_adapter.model import LLaMA
+from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 TINY_VISUAL = dict(clip_model=TINY_CLIP_MODEL, clip_pretrained=None, visual_len=4, n_blocks=1, block_heads=2)

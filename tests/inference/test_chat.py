@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 
 from lit_adapter.checkpoint import load_model
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.inference.chat import ChatSession, run_chat
 from lit_adapter.inference.engine import Decoding
 from lit_adapter.inference.experts import CaptionFileExpert
+from lit_adapter.prompts import get_prompt_style
 from tests.inference.conftest import engine_for, write_image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ import torch
 from lit_adapter.adapters.io import merge, save_adapter
 from lit_adapter.checkpoint import load_model
 from lit_adapter.cli import main
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.inference import engine as engine_module
 from lit_adapter.inference.cli import normalize_argv
 from lit_adapter.inference.engine import merge_for_inference
 from lit_adapter.inference.generate import generate_tokens
+from lit_adapter.prompts import get_prompt_style
 from tests.inference.conftest import text_adapter, visual_adapter, write_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,8 +245,8 @@ def test_official_v1_file(stories260k_dir, tmp_path, capsys):
                                                                                   gate_activation="identity"))
     with torch.no_grad():
         for j, layer in enumerate(range(2, 5)):  # block j of adapter_query is the prompt of layer N-L+j
-            reference.llama.layers[layer].attention.prefix.prompt.copy_(query[10 * j : 10 * (j + 1)])
-            reference.llama.layers[layer].attention.prefix.gate.copy_(gates[layer])
+            reference.llama.layers[layer].attention.adaption_prompt.prompt.copy_(query[10 * j : 10 * (j + 1)])
+            reference.llama.layers[layer].attention.adaption_prompt.gate.copy_(gates[layer])
     ids = load_tokenizer_ids(stories260k_dir, get_prompt_style("alpaca").apply("Tell me a story"))
     expected = decode(stories260k_dir, list(generate_tokens(reference.llama, torch.tensor(ids), 20, eos_id=2)))
     assert record["prompt_tokens"] == len(ids) and record["text"] == expected

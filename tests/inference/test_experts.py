@@ -10,10 +10,10 @@ import pytest
 
 from lit_adapter.checkpoint import load_model
 from lit_adapter.cli import main
-from lit_adapter.data.prompts import get_prompt_style
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.engine import Decoding, build_prompt
 from lit_adapter.inference.experts import CAPTION_INSTRUCTION, CaptionFileExpert, load_expert
+from lit_adapter.prompts import get_prompt_style
 from tests.inference.conftest import engine_for, visual_adapter, write_image
 
 ALPACA = get_prompt_style("alpaca")
@@ -91,7 +91,7 @@ def test_self_caption_uses_the_caption_instruction_and_the_image(stories260k_dir
     red, blue = write_image(tmp_path / "red.png", (220, 0, 0)), write_image(tmp_path / "blue.png", (0, 0, 220))
     expert = load_expert("self_caption", captioner=engine.caption)
     ids = engine.encode(ALPACA.apply(CAPTION_INSTRUCTION))
-    reference = engine.complete(ids, Decoding(max_new_tokens=64), prefix_input=engine.visual_tokens([red])).text
+    reference = engine.complete(ids, Decoding(max_new_tokens=64), visual_tokens=engine.visual_tokens([red])).text
     assert expert(red) == reference.strip()
     assert engine.caption(red, CAPTION_INSTRUCTION) != engine.caption(blue, CAPTION_INSTRUCTION)
     with pytest.raises(LitAdapterError, match="self_caption' needs a multimodal"):

@@ -18,13 +18,13 @@ def encode_all(tokenizer, texts=PROMPTS) -> list[torch.Tensor]:
     return [torch.tensor(tokenizer.encode(t)) for t in texts]
 
 
-def greedy_uncached(model, prompt: torch.Tensor, steps: int, prefix_input=None) -> list[int]:
+def greedy_uncached(model, prompt: torch.Tensor, steps: int, visual_tokens=None) -> list[int]:
     """Reference decoding: the whole sequence through the model at every step, no KV cache, argmax."""
     ids = prompt[None]
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            token = int(model(ids, prefix_input=prefix_input)[0, -1].argmax())
+            token = int(model(ids, visual_tokens=visual_tokens)[0, -1].argmax())
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
@@ -65,7 +65,7 @@ def test_prompt_keys_values_are_computed_once_per_generation(stories260k_dir, to
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GatedPrompt, "keys_values", counting)
-    adapted_layers = sum(isinstance(b.attention.prefix, GatedPrompt) for b in model.llama.layers)
+    adapted_layers = sum(isinstance(b.attention.adaption_prompt, GatedPrompt) for b in model.llama.layers)
     for _ in range(2):  # a second generation gets a fresh cache: computed again, once
         tokens = list(generate_tokens(model.llama, encode_all(tokenizer)[0], 20))
         assert len(tokens) == 20
@@ -93,7 +93,7 @@ def test_batched_equals_one_by_one_base_and_adapter(stories260k_dir, tokenizer):
 
 
 def test_batched_equals_one_by_one_with_images(stories260k_dir, tokenizer, tmp_path):
-    from lit_adapter.inference.images import load_images
+    from lit_adapter.images import load_images
 
     model = visual_adapter(load_model(stories260k_dir))
     paths = [write_image(tmp_path / f"{i}.png", c) for i, c in enumerate([(200, 30, 30), (20, 90, 220), (0, 0, 0)])]
@@ -102,9 +102,9 @@ def test_batched_equals_one_by_one_with_images(stories260k_dir, tokenizer, tmp_p
         visual = model.encode_images(pixels)
     prompts = encode_all(tokenizer)[:3]
     one_by_one = [
-        list(generate_tokens(model.llama, p, 20, prefix_input=visual[i : i + 1])) for i, p in enumerate(prompts)
+        list(generate_tokens(model.llama, p, 20, visual_tokens=visual[i : i + 1])) for i, p in enumerate(prompts)
     ]
-    assert generate_batch(model.llama, prompts, 20, prefix_input=visual) == one_by_one
+    assert generate_batch(model.llama, prompts, 20, visual_tokens=visual) == one_by_one
     no_image = list(generate_tokens(model.llama, prompts[0], 20))
     assert no_image != one_by_one[0]  # the image reaches the model
 

@@ -18,7 +18,7 @@ from lit_adapter.adapters import AdapterConfig
 from lit_adapter.adapters.visual import TINY_CLIP_MODEL, VisualConfig
 from lit_adapter.data.caption import CaptionDataModule
 from lit_adapter.data.instruction import InstructionDataModule
-from lit_adapter.training.joint import JointDataModule
+from lit_adapter.data.joint import JointDataModule
 from lit_adapter.training.module import LitAdapterModule
 
 REPO = Path(__file__).resolve().parents[2]

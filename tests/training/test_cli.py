@@ -67,7 +67,7 @@ def test_demo_config_runs_exports_logs_and_validates(tmp_path: Path, capsys: pyt
     for name in ("adapter.safetensors", "adapter_config.yaml", "tokenizer.model", "model_config.yaml", "training.yaml"):
         assert (root / name).is_file(), name
     adapter = load_file(root / "adapter.safetensors")
-    assert any(name.startswith("visual.") for name in adapter) and any(".prefix.gate" in n for n in adapter)
+    assert any(name.startswith("visual.") for name in adapter) and any(".adaption_prompt.gate" in n for n in adapter)
     assert (root / "checkpoints" / "last.ckpt").is_file()
     metrics = list(csv.DictReader(open(next((root / "logs").glob("version_*/metrics.csv")))))
     columns = set(metrics[0])

@@ -22,13 +22,13 @@ from lit_adapter.adapters.visual import TINY_CLIP_MODEL, image_transform
 from lit_adapter.checkpoint import load_model, load_yaml, tokenizer_path
 from lit_adapter.cli import main
 from lit_adapter.data.encoding import encode_segments
-from lit_adapter.data.prompts import get_prompt_style
+from lit_adapter.data.joint import JointDataModule
 from lit_adapter.data.scienceqa import ScienceQADataModule, image_path, load_problems, training_segments
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.evaluation.scienceqa import CATEGORIES
+from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training.cli import AdapterCLI, fit_main
-from lit_adapter.training.joint import JointDataModule
 from lit_adapter.training.loss import IGNORE_INDEX
 from lit_adapter.training.module import LitAdapterModule, check_ddp_settings, check_routing
 from tests.training import helpers
@@ -176,7 +176,7 @@ def test_tiny_recipe_trains_exports_and_evaluates(
     assert {"visual.visual_proj.0.weight", "visual.visual_proj.2.weight", "visual.visual_proj_norm.weight"} <= set(
         adapter)  # fmt: skip
     assert not any(name.startswith("visual.clip.") for name in adapter)
-    gates = [t for name, t in adapter.items() if name.endswith(".prefix.gate")]
+    gates = [t for name, t in adapter.items() if name.endswith(".adaption_prompt.gate")]
     assert len(gates) == 4 and all(gate.abs().sum() > 0 for gate in gates)  # zero-init gates have moved
     assert load_yaml(root / "adapter_config.yaml")["visual"]["mode"] == "global"
     training = load_yaml(root / "training.yaml")

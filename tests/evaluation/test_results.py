@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.evaluation.records import PredictionLog, check_settings, prediction_record
+from lit_adapter.evaluation.results import PredictionLog, check_settings, prediction_record
 
 
 def test_append_and_read(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from lit_adapter.checkpoint import atomic_path
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import read_json, write_json, write_jsonl  # noqa: F401  (write_json: for the run's metrics)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -31,20 +31,6 @@ def prediction_record(
         "correct": prediction is not None and prediction == answer,
         **extra,
     }
-
-
-def write_json(data: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LitAdapterError(f"{path}: invalid JSON in {what} ({err})") from None
 
 
 def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
@@ -106,5 +92,4 @@ class PredictionLog:
             os.fsync(f.fileno())
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        write_jsonl(records, self.path)

@@ -1,4 +1,5 @@
-"""Reading images for generation: one-line errors naming the file for a missing or unreadable image."""
+"""Reading image files for data, inference and evaluation: one-line errors naming the file for a missing or
+unreadable image."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
 
 
 def open_image(path: Path) -> Image.Image:
@@ -20,9 +21,13 @@ def open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        message = f"{path}: cannot read image ({reason}); pass a PNG, JPEG or other PIL-readable file"
+        message = f"{path}: cannot read image ({first_line(err)}); pass a PNG, JPEG or other PIL-readable file"
         raise LitAdapterError(message) from None
+
+
+def load_image(path: Path, transform: Callable) -> torch.Tensor:
+    """One image through `transform` (e.g. the CLIP transform): [3, H, W]."""
+    return transform(open_image(path))
 
 
 def check_image(path: Path) -> Path:
@@ -35,5 +40,5 @@ def load_images(
     paths: Sequence[Path], transform: Callable, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
     """Images through `transform`, stacked into [B, 3, H, W]."""
-    tensors = [transform(open_image(path)) for path in paths]
+    tensors = [load_image(path, transform) for path in paths]
     return torch.stack(tensors).to(device=device, dtype=dtype)

@@ -18,6 +18,11 @@ Segment = tuple[str, bool]
 # (human message, assistant reply); the reply is None (or "") for the turn the model is to answer
 Turn = tuple[str, Optional[str]]
 
+# the instruction of a caption sample (official V2 captioning); the self-caption expert asks it too
+CAPTION_INSTRUCTION = "Generate caption of this image"
+# answer options are lettered (A), (B), ... in ScienceQA prompts and answers
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 CHAT_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

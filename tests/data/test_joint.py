@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lit_adapter.adapters.groups import parameter_groups
+from lit_adapter.data.joint import ResumableLoader, Source
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.training.joint import ResumableLoader, Source
 from tests.training import helpers
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from lit_adapter.data.prompts import CHAT_SYSTEM, PROMPT_STYLES, get_prompt_style
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import CHAT_SYSTEM, PROMPT_STYLES, get_prompt_style
 
 # The two Stanford Alpaca templates as the LLaMA-Adapter recipe uses them (reference.md section 2), written out whole.
 ALPACA_NO_INPUT = (
