@@ -107,15 +107,15 @@ Generate = Callable[[Any], list[list[int]]]
 def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
     import torch
 
-    from lit_adapter.adapters import AdapterConfig, build_adapter_model
+    from lit_adapter.adapters import AdapterConfig, attach_adapters
     from lit_adapter.checkpoint import load_model
-    from lit_adapter.inference.engine import column_major_weights
+    from lit_adapter.inference.cpu import CPUDecoding
     from lit_adapter.inference.generate import generate_batch, generate_tokens
 
     base = load_model(Path(args.weights) / "ours", dtype=dtype)
     layers = args.adapter_layers if adapter else 0
-    model = build_adapter_model(base, AdapterConfig.v1(adapter_len=args.adapter_len, adapter_layers=layers,
-                                                       gate_activation="identity"))
+    model = attach_adapters(base, AdapterConfig.v1(adapter_len=args.adapter_len, adapter_layers=layers,
+                                                   gate_activation="identity"))
     first = args.n_layers - layers
     with torch.no_grad():
         for index in range(first, args.n_layers):
@@ -123,12 +123,15 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
             prompt.prompt.copy_(adapter_values(args, index))
             prompt.gate.fill_(GATE_VALUE)
     model.eval()
-    column_major_weights(model)  # as Engine.load does
+    cpu = CPUDecoding.for_model(model)  # as Engine.load does: settings measured on this machine
+    cpu.prepare(model)
+    print(f"[generate] {cpu!r}", file=sys.stderr)
 
     def generate(prompts) -> list[list[int]]:
-        if prompts.shape[0] == 1:
-            return [list(generate_tokens(model, prompts[0], args.new_tokens))]
-        return generate_batch(model, list(prompts), args.new_tokens)
+        with cpu:
+            if prompts.shape[0] == 1:
+                return [list(generate_tokens(model, prompts[0], args.new_tokens))]
+            return generate_batch(model, list(prompts), args.new_tokens)
 
     return generate
 
@@ -215,21 +218,15 @@ def rows_and_ratios(results: list[dict[str, Any]]) -> tuple[list[dict], list[dic
                          "tokens_per_s": b["tokens_per_s"], "tokens_per_s_best": b["tokens_per_s_best"],
                          "seconds": b["seconds"], "peak_rss_mb": r["peak_rss_mb"],
                          "cpu_busy_before": b.get("cpu_busy_before", r.get("cpu_busy_before"))})
-    by_key = {(r["run"], r["precision"]): r for r in results if "batches" in r}
     ratios = []
-    for precision in PRECISIONS:
-        for ours, peer in COMPARISONS:
-            a, b = by_key.get((ours, precision)), by_key.get((peer, precision))
-            if a is None or b is None:
-                continue
-            for batch in a["batches"]:
-                if batch not in b["batches"]:
-                    continue
-                x, y = a["batches"][batch], b["batches"][batch]
-                ratios.append({"pair": f"{ours} / {peer}", "precision": precision, "batch": batch,
-                               "speed_ratio": harness.ratio(x["tokens_per_s"], y["tokens_per_s"]),
-                               "speed_ratio_best": harness.ratio(x["tokens_per_s_best"], y["tokens_per_s_best"]),
-                               "greedy_agreement": agreement(x["tokens"], y["tokens"])})
+    for precision, ours, peer, a, b in harness.comparison_pairs(results, COMPARISONS, PRECISIONS,
+                                                               usable=lambda r: "batches" in r):
+        for batch in [batch for batch in a["batches"] if batch in b["batches"]]:
+            x, y = a["batches"][batch], b["batches"][batch]
+            ratios.append({"pair": f"{ours} / {peer}", "precision": precision, "batch": batch,
+                           "speed_ratio": harness.ratio(x["tokens_per_s"], y["tokens_per_s"]),
+                           "speed_ratio_best": harness.ratio(x["tokens_per_s_best"], y["tokens_per_s_best"]),
+                           "greedy_agreement": agreement(x["tokens"], y["tokens"])})
     return rows, ratios
 
 
@@ -285,25 +282,12 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     report = {"benchmark": "generate", "machine": machine,
               "settings": {name: getattr(args, name) for name in (*CHILD_FLAGS, "rounds", "wait_idle")},
               "results": results, "rows": rows, "ratios": ratios}
-    print(harness.format_table(rows, RESULT_COLUMNS))
-    print()
-    print(harness.format_table(ratios, RATIO_COLUMNS))
-    for r in results:
-        if "error" in r:
-            print(f"note: {r['run']} {r['precision']}: {r['error']}")
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average before {machine['load_average']} "
-          f"after {machine['load_average_after']}")
-    if args.json:
-        harness.write_json(args.json, report)
+    harness.print_report(report, rows, ratios, RESULT_COLUMNS, RATIO_COLUMNS, args.json)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        harness.emit(child(args))
-    else:
-        parent(args)
+    harness.main(argv, parse_args, child, parent)
 
 
 if __name__ == "__main__":

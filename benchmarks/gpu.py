@@ -165,10 +165,10 @@ def generation_run(args: argparse.Namespace, name: str, device: Device) -> list[
     import torch
 
     from benchmarks import training
-    from lit_adapter.adapters import AdapterConfig, build_adapter_model
+    from lit_adapter.adapters import AdapterConfig, attach_adapters
     config = model_config(args)
     adapter = adapter_config("v1", config.n_layers) if name == "v1" else AdapterConfig(adapter_layers=0)
-    model = build_adapter_model(training.random_base(config, torch.bfloat16, device.device), adapter).eval()
+    model = attach_adapters(training.random_base(config, torch.bfloat16, device.device), adapter).eval()
     generator = torch.Generator().manual_seed(0)
     rows = []
     for batch_size in [int(b) for b in args.gen_batch_sizes]:

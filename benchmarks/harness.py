@@ -287,3 +287,39 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def check_finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(f"{name} is {value}")
+
+
+def print_report(report: dict[str, Any], rows: Sequence[dict[str, Any]], ratios: Sequence[dict[str, Any]],
+                 result_columns: Sequence[Column], ratio_columns: Sequence[Column], json_path: Optional[str]) -> None:
+    """The two markdown tables, a note per failed child, the machine line; `report` as JSON to `json_path`."""
+    print(format_table(rows, result_columns))
+    print()
+    print(format_table(ratios, ratio_columns))
+    for r in report["results"]:
+        for message in ([r["error"]] if "error" in r else []) + r.get("errors", []):
+            print(f"note: {r['run']} {r['precision']}: {message}")
+    machine = report["machine"]
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average before {machine['load_average']} "
+          f"after {machine['load_average_after']}")
+    if json_path:
+        write_json(json_path, report)
+
+
+def main(argv: Optional[list[str]], parse_args: Callable, child: Callable, parent: Callable) -> None:
+    """A benchmark script's entry: `--child` runs one configuration and emits its result, otherwise the parent."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        emit(child(args))
+    else:
+        parent(args)
+
+
+def comparison_pairs(results: Sequence[dict[str, Any]], comparisons: Sequence[tuple[str, str]],
+                     precisions: Sequence[str], usable: Callable[[dict[str, Any]], bool]):
+    """(precision, ours, peer, our result, peer's result) for every comparison both sides of which ran."""
+    by_key = {(r["run"], r["precision"]): r for r in results if usable(r)}
+    for precision in precisions:
+        for ours, peer in comparisons:
+            a, b = by_key.get((ours, precision)), by_key.get((peer, precision))
+            if a is not None and b is not None:
+                yield precision, ours, peer, a, b

@@ -141,20 +141,16 @@ def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_key = {(r["run"], r["precision"]): r for r in results if "error" not in r}
-    rows = []
-    for precision in PRECISIONS:
-        for ours, reference in COMPARISONS:
-            a, b = by_key.get((ours, precision)), by_key.get((reference, precision))
-            if a is None or b is None:
-                continue
-            rows.append({
-                "pair": f"{ours} / {reference}", "precision": precision,
-                "speed_ratio": harness.ratio(a["tokens_per_s"], b["tokens_per_s"]),
-                "speed_ratio_best": harness.ratio(a["tokens_per_s_best"], b["tokens_per_s_best"]),
-                "peak_rss_ratio": harness.ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
-            })
-    return rows
+    return [
+        {
+            "pair": f"{ours} / {reference}", "precision": precision,
+            "speed_ratio": harness.ratio(a["tokens_per_s"], b["tokens_per_s"]),
+            "speed_ratio_best": harness.ratio(a["tokens_per_s_best"], b["tokens_per_s_best"]),
+            "peak_rss_ratio": harness.ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
+        }
+        for precision, ours, reference, a, b in harness.comparison_pairs(
+            results, COMPARISONS, PRECISIONS, usable=lambda r: "error" not in r)
+    ]
 
 
 RESULT_COLUMNS: list[harness.Column] = [
@@ -194,25 +190,13 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "ratios": compare(results),
     }
-    print(harness.format_table([r for r in results if "error" not in r], RESULT_COLUMNS))
-    print()
-    print(harness.format_table(report["ratios"], RATIO_COLUMNS))
-    for r in results:
-        for message in ([r["error"]] if "error" in r else []) + r.get("errors", []):
-            print(f"note: {r['run']} {r['precision']}: {message}")
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average before {machine['load_average']} "
-          f"after {machine['load_average_after']}")
-    if args.json:
-        harness.write_json(args.json, report)
+    rows = [r for r in results if "error" not in r]
+    harness.print_report(report, rows, report["ratios"], RESULT_COLUMNS, RATIO_COLUMNS, args.json)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        harness.emit(child(args))
-    else:
-        parent(args)
+    harness.main(argv, parse_args, child, parent)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, device: Any = "cp
 def random_base(config: Any, dtype: torch.dtype, device: Any):
     """A random-init LLaMA made directly in `dtype` on `device` (structure on the meta device, then filled)."""
     from lit_adapter.checkpoint import meta_model
-    from lit_adapter.training.precision import default_dtype
+    from lit_adapter.devices import default_dtype
 
     with default_dtype(dtype):
         base = meta_model(config)
@@ -62,9 +62,9 @@ def ours_loss(model: Any) -> LossFn:
 
 def build_ours(config: Any, adapter_config: Any, dtype: torch.dtype, device: Any, protos: list[str]):
     """(AdapterModel, loss(input_ids, labels), trainable parameters upcast to float32 from `dtype`)."""
-    from lit_adapter.adapters import build_adapter_model
+    from lit_adapter.adapters import attach_adapters
 
-    model = build_adapter_model(random_base(config, dtype, device), adapter_config)
+    model = attach_adapters(random_base(config, dtype, device), adapter_config)
     upcast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in upcast:
         param.data = param.data.float()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -75,15 +75,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
 
+def check_weight_names(expected: Mapping[str, object], names: Iterable[str], source: str) -> None:
+    """Fail with one line naming the first missing or unexpected weight name."""
+    names = list(names)
+    missing = [k for k in expected if k not in set(names)]
+    if missing:
+        raise LitAdapterError(f"{source}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in names if k not in expected]
+    if unexpected:
+        raise LitAdapterError(f"{source}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+
+
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Fail with one line naming the first missing, unexpected or wrongly shaped key."""
     expected = expected_shapes(config)
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        raise LitAdapterError(f"{source}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
-    unexpected = [k for k in state_dict if k not in expected]
-    if unexpected:
-        raise LitAdapterError(f"{source}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    check_weight_names(expected, state_dict, source)
     for key, shape in expected.items():
         got = tuple(state_dict[key].shape)
         if got != shape:

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lit_adapter.convert:convert", "convert a Meta, Hugging Face or llama2.c checkpoint"),
     "generate": ("lit_adapter.inference.cli:generate_main", "generate text, optionally with an adapter and an image"),
     "chat": ("lit_adapter.inference.cli:chat_main", "multi-turn chat with a model and adapter"),
-    "merge": ("lit_adapter.adapters.io:merge", "fold bias/scale and LoRA into the base weights"),
+    "merge": ("lit_adapter.adapters.merge:merge", "fold bias/scale and LoRA into the base weights"),
     "eval": ("lit_adapter.evaluation.cli:eval_main", "evaluate (`lit-adapter eval scienceqa ...`)"),
     "download": ("lit_adapter.download:download", "fetch a known small checkpoint (stories260K) into a cache"),
 }

@@ -12,9 +12,25 @@ from typing import Any, Optional
 from lit_adapter.errors import LitAdapterError
 
 
+class DictConfig:
+    """A dataclass config that reads and writes plain mappings (YAML files), refusing unknown keys by name."""
+
+    config_name = "config"  # how errors name a mapping of this kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Optional[str] = None) -> Any:
+        check_known_keys(cls, data, source or cls.config_name)
+        return cls(**data)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Architecture hyper-parameters of a LLaMA model (Meta's `params.json` names where they exist)."""
+
+    config_name = "model config"
 
     name: str = "custom"
     vocab_size: int = 32000
@@ -45,14 +61,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "model config") -> ModelConfig:
-        check_known_keys(cls, data, source)
-        return cls(**data)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -23,6 +25,17 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return PRECISION_DTYPES[precision]
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to `dtype` inside the block only (modules built there get it), restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def peak_memory_gb(device: torch.device) -> float:

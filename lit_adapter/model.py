@@ -1,10 +1,12 @@
 """The plain LLaMA, in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
 
-Module names follow Meta's checkpoints (`layers.{i}.attention.wq`, `feed_forward.w1`, ...), so Meta and official
-LLaMA-Adapter state dicts map onto this model key for key.
+References: LLaMA (Touvron et al., 2023, arXiv:2302.13971) and Meta's `llama/model.py`. Module names follow Meta's
+checkpoints (`layers.{i}.attention.wq`, `feed_forward.w1`, ...), so Meta and official LLaMA-Adapter state dicts map
+onto this model key for key. Fast kernels (the attention paths, SwiGLU's memory-saving backward) are in `ops.py`.
 
-Adapters never copy this file. Attention has one seam, `Attention.adaption_prompt`: when an adapter module is attached there,
-its gated prompt term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the attention output:
+Adapters never copy this file. Attention has one seam, `Attention.adaption_prompt`: when an adapter module is
+attached there, its gated prompt term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the
+attention output:
 
     O = softmax(Q K_t^T / sqrt(d) + causal) V_t  +  adaption_prompt(Q)
 """
@@ -15,12 +17,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from lit_adapter import ops
 from lit_adapter.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -69,6 +73,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE on queries and keys; n_kv_heads = n_heads is multi-head attention."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
@@ -78,7 +84,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
-        # The adapter seam: a module called as adaption_prompt(attention, q, visual_tokens, kv_cache) -> [B, H, T, head_dim].
+        # The adapter seam: a module called as adaption_prompt(attention, q, visual_tokens, kv_cache), which returns
+        # [B, n_heads, T, head_dim].
         self.adaption_prompt: Optional[nn.Module] = None
 
     def forward(
@@ -91,49 +98,16 @@ class Attention(nn.Module):
         visual_tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), rope)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, end=mask.shape[-1])
-        if mask is not None and B > 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            # torch's CPU flash kernel is slow on half-precision batches of short queries (a batch-8 decode step:
-            # 0.60 ms per layer against 0.22 ms written out, bf16 on 2 Zen 4 cores)
-            y = explicit_attention(q, k, v, mask=mask)
-        else:
-            gqa = self.n_kv_heads != self.n_heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            k, v = kv_cache.update(input_pos, k, v, end=mask.shape[-1])  # (B, n_kv, S, hs): the positions so far
+        y = ops.attention(q, k, v, mask)  # softmax(q k^T / sqrt(hs) + mask) v: (B, nh, T, hs)
         if self.adaption_prompt is not None:
-            y = y + self.adaption_prompt(self, q, visual_tokens, kv_cache)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-def explicit_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v written out, with scores in float32 at least, for q [B, heads, T, head_dim] and k, v
-    [B or 1, kv_heads, S, head_dim]. `mask` [B, 1, T, S] (True = attend); `weight` [B or 1, heads, 1, 1] scales each
-    head's probabilities.
-
-    The query heads sharing a key head are stacked along the query axis ([B, kv_heads, groups * T, head_dim]), so
-    keys and values are not repeated per query head, and a slice of the KV cache is multiplied in place.
-    """
-    batch, heads, length, head_dim = q.shape
-    kv_heads = k.shape[1]
-    stacked = q.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
-    scores = stacked @ k.transpose(-1, -2)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * head_dim**-0.5
-    grouped = scores.unflatten(2, (heads // kv_heads, length))  # [B, kv_heads, groups, T, S]
-    if mask is not None:
-        grouped = grouped.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = grouped.softmax(dim=-1).to(v.dtype)
-    if weight is not None:
-        probs = probs * weight.unflatten(1, (kv_heads, -1))
-    return (probs.flatten(2, 3) @ v).view(batch, heads, length, head_dim)
+            y = y + self.adaption_prompt(self, q, visual_tokens, kv_cache)  # the adapter's gated prompt term
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -146,36 +120,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu_mul(self.w1(x), self.w3(x)))
-
-
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b; when training, through SiluMul, which keeps one [tokens, hidden] tensor less for backward."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return SiluMul.apply(a, b)
-    return F.silu(a) * b
-
-
-class SiluMul(torch.autograd.Function):
-    """silu(a) * b saving only a and b: silu(a) is recomputed in backward instead of being kept."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = ctx.saved_tensors
-        sigmoid = torch.sigmoid(a)
-        silu = a * sigmoid
-        grad_b = grad * silu
-        # d silu(a) / da = sigmoid(a) (1 + a - silu(a)), built in silu's buffer: three temporaries, not six
-        grad_a = silu.neg_().add_(a).add_(1).mul_(sigmoid).mul_(b).mul_(grad)
-        return grad_a, grad_b
+        return self.w2(ops.silu_mul(self.w1(x), self.w3(x)))  # (B, T, dim)
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)), out = h + feed_forward(norm(h))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
@@ -231,14 +181,14 @@ class LLaMA(nn.Module):
         rope = rotations[input_pos if positions is None else positions]
         if self.kv_caches is not None and mask is None:
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)
-        x = self.tok_embeddings(idx)
+        x = self.tok_embeddings(idx)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             cache = self.kv_caches[i] if self.kv_caches is not None else None
             x = layer(x, rope, mask=mask, kv_cache=cache, input_pos=input_pos, visual_tokens=visual_tokens)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:]  # (B, 1, dim): decoding reads the last position only
         x = self.norm(x)
-        return x if hidden_only else self.output(x)
+        return x if hidden_only else self.output(x)  # (B, T, vocab)
 
     def rope(self, seq_len: int, device: torch.device) -> torch.Tensor:
         if self._rope is None or self._rope.shape[0] < seq_len or self._rope.device != device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,21 @@ def tiny_model() -> LLaMA:
     model = LLaMA(ModelConfig.from_name("tiny-gqa"))
     model.reset_parameters()
     return model.eval()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test (the folders of tiny models use it): their matrices are tiny, and on a
+    shared machine extra threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small instruction file the training and joint-data tests train on."""
+    from tests.training.helpers import write_instructions
+
+    return write_instructions(tmp_path_factory.mktemp("instructions") / "records.json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lit_adapter.adapters import AdapterModel
+from lit_adapter.adapters.model import AdapterModel
 
 VISUAL_GATE_SUFFIX = ".adaption_prompt.visual_gate"
 

@@ -55,7 +55,7 @@ class AdaptedLinear(nn.Linear):
         new = dict(device=base.weight.device, dtype=torch.float32)
         self.scale_side = scale
         self.lora_rank = lora_rank
-        self.lora_scaling = 1.0 if lora_alpha is None or not lora_rank else lora_alpha / lora_rank
+        self.lora_scaling = lora_scaling(lora_alpha, lora_rank)
         scale_dim = self.in_features if scale == "in" else self.out_features
         shapes = {
             "bias": (self.out_features,) if bias else None,
@@ -132,6 +132,16 @@ def fold_linear(
     return w.to(weight.dtype), (b.to(bias.dtype) if b is not None else None)
 
 
+def lora_scaling(alpha: Optional[float], rank: int) -> float:
+    """The LoRA factor `scaling` of the equation: alpha / rank, or 1 without alpha (the official code)."""
+    return 1.0 if alpha is None or not rank else alpha / rank
+
+
+def linear_parent(name: str) -> str:
+    """The attribute of a LLaMA block holding linear `name`: "attention" (wq..wo) or "feed_forward" (w1..w3)."""
+    return "attention" if name in ATTENTION_LINEARS else "feed_forward"
+
+
 def linear_targets(config: AdapterConfig) -> dict[str, dict]:
     """For each linear name that gets adapted: the AdaptedLinear keyword arguments."""
     bias_targets = BIAS_TARGETS[config.bias_mode]
@@ -150,8 +160,8 @@ def linear_targets(config: AdapterConfig) -> dict[str, dict]:
 
 
 def parent_of(block: nn.Module, name: str) -> nn.Module:
-    """The module holding linear `name` in a LLaMA block: attention (wq..wo) or feed_forward (w1..w3)."""
-    return block.attention if name in ATTENTION_LINEARS else block.feed_forward
+    """The module holding linear `name` in a LLaMA block (see `linear_parent`)."""
+    return getattr(block, linear_parent(name))
 
 
 def attach_linears(llama: LLaMA, config: AdapterConfig) -> None:

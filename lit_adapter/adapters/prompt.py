@@ -14,14 +14,16 @@ A row of all-zero visual tokens means "no image" and gets no visual contribution
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from lit_adapter import ops
 from lit_adapter.adapters.config import AdapterConfig
 from lit_adapter.adapters.linear import AdaptedLinear
-from lit_adapter.model import Attention, KVCache, LLaMA, explicit_attention
+from lit_adapter.model import Attention, KVCache, LLaMA
 
 PromptKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,7 +38,8 @@ class GatedPrompt(nn.Module):
     Parameters (float32, cast to the activation dtype when used): `prompt` [K, dim] (random init, as nn.Embedding),
     `gate` [1, n_heads, 1, 1] and `visual_gate` [1, n_heads, 1, 1] (zero init), `new_gate` [1, 1, 1, 1] (init 1).
     Prompt keys/values are recomputed on every call, except during generation, where they are kept in the layer's
-    `kv_cache.prompt_kv` for the length of that one generation.
+    `kv_cache.prompt_kv` for the length of that one generation. `fast` (default True) computes each prompt's
+    attention with `ops.grouped_attention`; False runs the plain formula of `prompt_attention`.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class GatedPrompt(nn.Module):
         self.activation = activation
         self.fuse_visual = fuse_visual and static
         self.prompt_kv_lora = prompt_kv_lora
+        self.fast = True
         shapes = {
             "prompt": (adapter_len, dim) if static else None,
             "gate": (1, n_heads, 1, 1) if static else None,
@@ -79,24 +83,28 @@ class GatedPrompt(nn.Module):
     def forward(
         self, attention: Attention, q: torch.Tensor, visual_tokens: Optional[torch.Tensor], kv_cache: Optional[KVCache]
     ) -> torch.Tensor:
-        """The gated prompt term [B, n_heads, T, head_dim] for queries q [B, n_heads, T, head_dim]."""
+        """new_gate * sum_P act(gate_P) * softmax(Q K_P^T / sqrt(d)) V_P, [B, n_heads, T, head_dim], for the
+        queries q [B, n_heads, T, head_dim] (RoPE applied) of `attention`."""
         prompt_kv = kv_cache.prompt_kv if kv_cache is not None else None
         if prompt_kv is None:
             prompt_kv = self.keys_values(attention, visual_tokens, q.dtype)
             if kv_cache is not None:
-                kv_cache.prompt_kv = prompt_kv
+                kv_cache.prompt_kv = prompt_kv  # kept for the rest of this generation
         term = None
-        for name, (keys, values) in prompt_kv.items():
-            gate = gate_activation(self.activation, self.gate if name == "static" else self.visual_gate).to(q.dtype)
-            if name == "visual" and visual_tokens is not None:
-                gate = gate * image_rows(visual_tokens, q.dtype)
-            # written out, not SDPA: with ~10 keys 1.4x (float32) to 3x (bf16) faster forward + backward on CPU; the
-            # gate scales the probabilities, so its gradient keeps [T, K] probabilities, not the [T, d] output
-            part = explicit_attention(q, keys, values, weight=gate)
+        for name, (keys, values) in prompt_kv.items():  # P = the static prompt and/or the visual prompt
+            gate = self.gate_of(name, visual_tokens, q.dtype)  # act(gate_P): (1 or B, nh, 1, 1)
+            part = prompt_attention(q, keys, values, gate, fast=self.fast)  # (B, nh, T, hs)
             term = part if term is None else term + part
         if term is None:  # e.g. a visual-only layer called without an image
             return torch.zeros_like(q)
         return term if self.new_gate is None else self.new_gate.to(q.dtype) * term
+
+    def gate_of(self, name: str, visual_tokens: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """act(gate_P) [1 or B, n_heads, 1, 1] for prompt `name`; a visual prompt's is 0 on rows without an image."""
+        gate = gate_activation(self.activation, self.gate if name == "static" else self.visual_gate).to(dtype)
+        if name == "visual" and visual_tokens is not None:
+            gate = gate * image_rows(visual_tokens, dtype)
+        return gate
 
     def keys_values(self, attention: Attention, visual_tokens: Optional[torch.Tensor], dtype: torch.dtype) -> PromptKV:
         """Keys and values [B or 1, kv_heads, length, head_dim] of each prompt of this layer."""
@@ -124,6 +132,27 @@ class GatedPrompt(nn.Module):
         return module(tokens)
 
 
+def prompt_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor, fast: bool = True
+) -> torch.Tensor:
+    """gate * softmax(q K^T / sqrt(d)) V for one prompt: no mask (every query sees every prompt token), no RoPE.
+
+    Args:
+        q: [B, n_heads, T, head_dim]; keys, values: [B or 1, kv_heads, K, head_dim]; gate: [B or 1, n_heads, 1, 1].
+        fast: through `ops.grouped_attention`, which never repeats the keys per query head and scales the
+            probabilities by the gate, so the gate's gradient needs the [T, K] probabilities, not the [T, head_dim]
+            output; the plain lines below are the formula it is tested equal to.
+    Returns:
+        [B, n_heads, T, head_dim].
+    """
+    if fast:
+        return ops.grouped_attention(q, keys, values, weight=gate)
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)  # (B, nh, K, hs)
+    scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, T, K)
+    return gate * scores.softmax(dim=-1) @ values
+
+
 def image_rows(visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, 1, 1]: 0 for a row whose visual tokens are all zero ("no image", see `AdapterModel.encode_images`),
     else 1. Late fusion needs no mask (adding zero leaves the prompt as it is), but an early-fusion visual prompt of
@@ -132,7 +161,7 @@ def image_rows(visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
-    """Attach a GatedPrompt at `Attention.adaption_prompt` of every layer that has a static or an early visual prompt."""
+    """Attach a GatedPrompt at `Attention.adaption_prompt` of every layer with a static or an early visual prompt."""
     n = llama.config.n_layers
     static_layers = set(config.static_layers(n))
     visual_layers = set(config.visual_prompt_layers(n))

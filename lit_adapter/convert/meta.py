@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from lit_adapter.checkpoint import expected_shapes
+from lit_adapter.checkpoint import check_weight_names, expected_shapes
 from lit_adapter.config import NAMED_CONFIGS, ModelConfig
 from lit_adapter.convert.files import WeightsFile, chunks, read_json_object
 from lit_adapter.errors import LitAdapterError
@@ -116,12 +116,7 @@ def check_shard_shapes(shards: list[WeightsFile], keys: list[str], config: Model
     """Every shard holds exactly its 1/N slice of every weight the config expects."""
     expected = expected_shapes(config)
     first, n = shards[0], len(shards)
-    missing = [k for k in expected if k not in keys]
-    if missing:
-        raise LitAdapterError(f"{first.path}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
-    unexpected = [k for k in keys if k not in expected]
-    if unexpected:
-        raise LitAdapterError(f"{first.path}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all)")
+    check_weight_names(expected, keys, str(first.path))
     for key, full in expected.items():
         dim = split_dim(key)
         want = list(full)

@@ -1,4 +1,5 @@
-"""Data: the typed batch, record validation, instruction / caption / ScienceQA data modules, built-in demo data.
+"""Data: the typed batch, the settings taken from the model, record validation, instruction / caption / ScienceQA
+data modules, joint training data, built-in demo data.
 
 Names are imported on first use, so that importing one data module does not import them all (nor Lightning).
 """
@@ -10,13 +11,17 @@ from typing import Any
 
 _EXPORTS = {
     "BUILTIN_DEMO": "demo",
+    "CAPTION": "batch",
     "CaptionDataModule": "caption",
+    "DataSettings": "base",
     "IGNORE_INDEX": "batch",
+    "INSTRUCTION": "batch",
     "InstructionDataModule": "instruction",
     "JointDataModule": "joint",
     "PAD_ID": "encoding",
     "ScienceQADataModule": "scienceqa",
     "ScienceQAProblem": "scienceqa",
+    "TrainingBatch": "batch",
     "build_prompt": "scienceqa",
     "collate": "encoding",
     "load_problems": "scienceqa",

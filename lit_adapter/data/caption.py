@@ -8,12 +8,13 @@ unreadable -> error, or skip and count), so a bad file never stops training half
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
 from lit_adapter.data.base import PROGRESS_MIN_RECORDS, TokenizedDataModule
+from lit_adapter.data.batch import CAPTION
 from lit_adapter.data.encoding import EncodedSamples, SampleBuilder, encode_segments
 from lit_adapter.data.records import (
     BadRecord,
@@ -40,58 +41,45 @@ class CaptionDataModule(TokenizedDataModule):
             {"image": path, "caption": text} records, or "builtin:demo" (generated shape drawings)
         image_dir: the image folder (COCO: where `file_name` lives; JSONL: the base of relative paths, default the
             file's own folder)
-        tokenizer_path: the SentencePiece model; the trainer fills it in from the checkpoint folder when left out
-        clip_model: the open_clip model whose image transform is used
-        image_size: image side in pixels (default: the CLIP model's)
-        prompt_style: alpaca, alpaca_zh, chat or raw
+        clip_model: the open_clip model whose image transform is used; under `lit-adapter fit` the visual encoder's
+            (leave it out); None = ViT-L-14
+        image_size: image side in pixels (None: the CLIP model's); under `lit-adapter fit` the visual encoder's
         max_seq_length: longer samples are cut to this many tokens (counted in a warning)
-        batch_size: samples per batch
-        val_split: validation part, counted in images (all captions of an image stay on one side): a fraction in
-            [0, 1) or a count (ignored for builtin:demo, which has its own validation images)
-        seed: seed of the validation split and of the shuffling
-        num_workers: data loader worker processes
-        group_by_length: batch samples of similar length together
-        on_bad_record: "error" (stop at the first bad record) or "skip" (skip and count bad records)
-        cache_dir: where tokenised data is cached
+        settings: those of every data module (see `TokenizedDataModule`); val_split is counted in images (all
+            captions of an image stay on one side)
     """
 
-    builtin_kind = "caption"
+    source = CAPTION
+    linked_settings = (*TokenizedDataModule.linked_settings, "clip_model", "image_size")
 
     def __init__(
         self,
         data_path: str,
         image_dir: Optional[Path] = None,
-        tokenizer_path: Optional[Path] = None,
-        clip_model: str = "ViT-L-14",
+        clip_model: Optional[str] = None,
         image_size: Optional[int] = None,
-        prompt_style: str = "alpaca",
         max_seq_length: int = 128,
-        batch_size: int = 4,
-        val_split: Union[float, int] = 0.05,
-        seed: int = 42,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-        on_bad_record: Literal["error", "skip"] = "error",
-        cache_dir: Optional[Path] = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(
-            data_path, tokenizer_path, prompt_style, max_seq_length, batch_size, val_split, seed, num_workers,
-            group_by_length, on_bad_record, cache_dir,
-        )  # fmt: skip
+        super().__init__(data_path, max_seq_length=max_seq_length, **settings)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.clip_model = clip_model
         self.image_size = image_size
 
-    def source_settings(self, role: str) -> dict:
+    @property
+    def carries_images(self) -> bool:
+        return True
+
+    def split_settings(self, split: str) -> dict:
         # image paths are stored resolved, so the folders they were resolved against are part of the key
-        path = self.source_files(role)[0]
+        path = self.split_files(split)[0]
         return {"image_dir": str(self._image_root(path).resolve())}
 
-    def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
-        path = self.source_files(role)[0]
+    def encode_split(self, split: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
+        path = self.split_files(split)[0]
         gate = RecordGate(path, report, self.on_bad_record)
         builder = SampleBuilder(report, self.max_seq_length)
-        prompt = self.prompt_style.apply(CAPTION_INSTRUCTION)
+        prompt = self.style.apply(CAPTION_INSTRUCTION)
         checked: dict[Path, Optional[BadRecord]] = {}
         records = list(caption_records(path, self._image_root(path)))
         for record, image, caption in tqdm(
@@ -114,9 +102,7 @@ class CaptionDataModule(TokenizedDataModule):
         return encoded.extras["image"]
 
     def extras_loader(self, encoded: EncodedSamples, train: bool) -> Callable[[int], dict]:
-        from lit_adapter.adapters.visual import image_transform
-
-        return ImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, self.image_size))
+        return ImageLoader(encoded.extras["image"], self.image_transform(train))
 
     def _image_root(self, path: Path) -> Path:
         return self.image_dir if self.image_dir is not None else path.parent

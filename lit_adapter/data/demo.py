@@ -75,43 +75,43 @@ def _pronouns(name: str) -> tuple[str, str]:
     return ("she", "her") if NAMES[name] == "girl" else ("he", "his")
 
 
+def _example(instruction: str, output: str, input: str = "") -> dict:
+    return {"instruction": instruction, "input": input, "output": output}
+
+
 def _likes_story(name: str, thing: str) -> dict:
     she, her = _pronouns(name)
-    return {
-        "instruction": f"Write a story about a {NAMES[name]} named {name} who likes {thing}s.",
-        "input": "",
-        "output": f"Once upon a time, there was a {NAMES[name]} named {name}. {name} liked {thing}s very much. "
+    return _example(
+        f"Write a story about a {NAMES[name]} named {name} who likes {thing}s.",
+        f"Once upon a time, there was a {NAMES[name]} named {name}. {name} liked {thing}s very much. "
         f"Every day, {she} played with {her} {thing}. {name} was very happy.",
-    }
+    )
 
 
 def _feeling_story(animal: str, feeling: str) -> dict:
-    return {
-        "instruction": f"Write a story about a {animal} who feels {feeling}.",
-        "input": "",
-        "output": f"Once upon a time, there was a little {animal}. The {animal} felt very {feeling}. "
-        f"{FEELINGS[feeling]}",
-    }
+    return _example(
+        f"Write a story about a {animal} who feels {feeling}.",
+        f"Once upon a time, there was a little {animal}. The {animal} felt very {feeling}. {FEELINGS[feeling]}",
+    )
 
 
 def _friend_story(name: str, animal: str, place: str) -> dict:
     she, _ = _pronouns(name)
-    return {
-        "instruction": f"Write a story about {name} and a {animal} at the {place}.",
-        "input": "",
-        "output": f"{name} went to the {place}. There, {she} saw a little {animal}. "
+    return _example(
+        f"Write a story about {name} and a {animal} at the {place}.",
+        f"{name} went to the {place}. There, {she} saw a little {animal}. "
         f"{name} and the {animal} played together. They became good friends.",
-    }
+    )
 
 
 def _words_story(name: str, thing: str, place: str) -> dict:
     she, her = _pronouns(name)
-    return {
-        "instruction": "Write a short story using these words.",
-        "input": f"{name}, {thing}, {place}",
-        "output": f"{name} had a {thing}. One day, {she} took {her} {thing} to the {place}. "
+    return _example(
+        "Write a short story using these words.",
+        f"{name} had a {thing}. One day, {she} took {her} {thing} to the {place}. "
         f"{she.capitalize()} had a lot of fun there.",
-    }
+        input=f"{name}, {thing}, {place}",
+    )
 
 
 def instruction_examples() -> tuple[list[dict], list[dict]]:

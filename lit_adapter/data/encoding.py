@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lit_adapter.data.batch import IGNORE_INDEX
+from lit_adapter.data.batch import IGNORE_INDEX, INSTRUCTION, TrainingBatch
 from lit_adapter.data.records import RecordReport
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import atomic_path
@@ -24,7 +24,7 @@ from lit_adapter.prompts import Segment
 from lit_adapter.tokenizer import Tokenizer
 
 PAD_ID = 0
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the record report names its file under `file_name`
 NO_RESPONSE_LEFT = "no response token within max_seq_length"
 
 
@@ -179,9 +179,9 @@ class TokenizedDataset(Dataset):
         return [int(all_lengths[i]) for i in self.indices]
 
 
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(samples: list[dict[str, torch.Tensor]], source: str = INSTRUCTION) -> TrainingBatch:
     """Right-pads to the longest sample: `input_ids` with 0, `labels` with -100; `attention_mask` marks real tokens;
-    any other entry (e.g. `image` -> `images`) is stacked."""
+    the samples' `image` entries are stacked into `images`, their `has_image` flags into `has_image`."""
     longest = max(sample["input_ids"].numel() for sample in samples)
     batch_size = len(samples)
     input_ids = torch.full((batch_size, longest), PAD_ID, dtype=torch.long)
@@ -192,10 +192,11 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         input_ids[row, :length] = sample["input_ids"]
         labels[row, :length] = sample["labels"]
         attention_mask[row, :length] = 1
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    for key in samples[0]:
-        if key not in batch:
-            batch["images" if key == "image" else key] = torch.stack([sample[key] for sample in samples])
+    batch = TrainingBatch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, source=source)
+    if "image" in samples[0]:
+        batch["images"] = torch.stack([sample["image"] for sample in samples])
+    if "has_image" in samples[0]:
+        batch["has_image"] = torch.stack([sample["has_image"] for sample in samples])
     return batch
 
 

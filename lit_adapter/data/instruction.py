@@ -1,14 +1,14 @@
 """Instruction data: Alpaca-style records and multi-turn conversations, tokenised once and cached.
 
 Records are either `{"instruction", "input" (optional), "output"}` (formatted with the chosen prompt style) or
-ShareGPT/LLaVA-style conversations `{"conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` (always in
-the `chat` style, with the loss on every assistant turn). A JSON list or a JSON Lines file.
+ShareGPT/LLaVA-style conversations `{"conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` (in the `chat`
+style, with the loss on every assistant turn; another prompt style is refused, since the adapter would then be saved
+with a template it was not trained in). A JSON list or a JSON Lines file.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -22,7 +22,8 @@ from lit_adapter.data.records import (
     record_object,
     string_field,
 )
-from lit_adapter.prompts import CHAT, PromptStyle, Segment, Turn
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.prompts import ALPACA, CHAT, ChatStyle, PromptStyle, Segment, Turn
 from lit_adapter.tokenizer import Tokenizer
 
 HUMAN_ROLES = {"human", "user"}
@@ -32,43 +33,14 @@ ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "model"}
 class InstructionDataModule(TokenizedDataModule):
     """Instruction-tuning data (Alpaca records, or conversations) for `lit-adapter fit`.
 
-    Args:
-        data_path: a `.json` list or `.jsonl` file of records, or "builtin:demo" (generated TinyStories-style
-            instructions with a held-out validation set)
-        tokenizer_path: the SentencePiece model; the trainer fills it in from the checkpoint folder when left out
-        prompt_style: alpaca, alpaca_zh, chat or raw (conversations always use chat)
-        max_seq_length: longer samples are cut to this many tokens (counted in a warning)
-        batch_size: samples per batch, right-padded to the longest one
-        val_split: validation part taken from data_path: a fraction in [0, 1) or a count (ignored for builtin:demo)
-        seed: seed of the validation split and of the shuffling
-        num_workers: data loader worker processes
-        group_by_length: batch samples of similar length together (less padding)
-        on_bad_record: "error" (stop at the first bad record) or "skip" (skip and count bad records)
-        cache_dir: where tokenised data is cached (default: $LIT_ADAPTER_CACHE/tokenized or
-            ~/.cache/lit-adapter/tokenized)
+    `data_path`: a `.json` list or `.jsonl` file of records, or "builtin:demo" (generated TinyStories-style
+    instructions with a held-out validation set). The other arguments are those of every data module (see
+    `TokenizedDataModule`); conversations need the chat style (prompt_style None: Alpaca records in alpaca,
+    conversations in chat).
     """
 
-    def __init__(
-        self,
-        data_path: str,
-        tokenizer_path: Optional[Path] = None,
-        prompt_style: str = "alpaca",
-        max_seq_length: int = 512,
-        batch_size: int = 4,
-        val_split: Union[float, int] = 0.05,
-        seed: int = 42,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-        on_bad_record: Literal["error", "skip"] = "error",
-        cache_dir: Optional[Path] = None,
-    ) -> None:
-        super().__init__(
-            data_path, tokenizer_path, prompt_style, max_seq_length, batch_size, val_split, seed, num_workers,
-            group_by_length, on_bad_record, cache_dir,
-        )  # fmt: skip
-
-    def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
-        path = self.source_files(role)[0]
+    def encode_split(self, split: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
+        path = self.split_files(split)[0]
         records = list(read_records(path))
         gate = RecordGate(path, report, self.on_bad_record)
         builder = SampleBuilder(report, self.max_seq_length)
@@ -81,19 +53,26 @@ class InstructionDataModule(TokenizedDataModule):
             except BadRecord as bad:
                 gate.reject(record, bad)
                 continue
+            except LitAdapterError as err:
+                raise LitAdapterError(f"{path}: {record.where()}: {err}") from None
             builder.add(*encode_segments(tokenizer, segments))
         return builder.build()
 
 
-def record_segments(record: dict, style: PromptStyle) -> list[Segment]:
-    """The prompt/response segments of one checked record."""
+def record_segments(record: dict, style: Optional[PromptStyle]) -> list[Segment]:
+    """The prompt/response segments of one checked record (style None: alpaca, conversations in chat)."""
     if "conversations" in record:
+        if style is not None and not isinstance(style, ChatStyle):
+            raise LitAdapterError(
+                f"a conversation takes the chat style, but the prompt style is {style.name!r}: set prompt_style "
+                "chat (lit-adapter fit: model.adapter.prompt_style: chat)"
+            )
         turns, system = conversation_turns(record)
-        return CHAT.conversation_segments(turns, system)
+        return (style or CHAT).conversation_segments(turns, system)
     instruction = string_field(record, "instruction")
     input = string_field(record, "input", required=False, allow_empty=True)
     output = string_field(record, "output")
-    return style.training_segments(instruction, input, output)
+    return (style or ALPACA).training_segments(instruction, input, output)
 
 
 def conversation_turns(record: dict) -> tuple[list[Turn], Optional[str]]:

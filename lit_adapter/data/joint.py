@@ -8,7 +8,11 @@ exactly the number of batches trained on.
 
 Batches of one source come in blocks of `accumulate_grad_batches` micro-batches so that an optimizer step only ever
 accumulates gradients of one source: each step then updates exactly one parameter group (see `LitAdapterModule`).
-Every batch carries its source name under `"source"`.
+Every batch, training and validation, carries its source name under `"source"` (a `TrainingBatch`).
+
+The data modules take the model's tokenizer, context length, image transform and prompt style from `DataSettings`
+handed over once (`lit-adapter fit` links `model.data_settings` to `data.model_settings`); the data never looks at the
+model, nor the model at the data.
 
 Random augmentation (e.g. the caption images' random crops) is a function of (seed, source, epoch, position): each
 sample is loaded under its own torch seed, so a resumed run, or one with a different number of workers, sees the very
@@ -25,10 +29,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lit_adapter.data.base import DataSettings, TokenizedDataModule
+from lit_adapter.data.batch import CAPTION, INSTRUCTION
 from lit_adapter.errors import LitAdapterError
 
-INSTRUCTION, CAPTION = "instruction", "caption"
-SOURCE_KEY = "source"
+__all__ = ["CAPTION", "INSTRUCTION", "JointDataModule", "ResumableLoader", "Source"]
 
 
 @dataclass
@@ -153,7 +158,7 @@ class ResumableLoader:
         for name, _ in plan:
             batch = next(iterators[name])
             self.consumed += 1
-            yield {**batch, SOURCE_KEY: name}
+            yield {**batch, "source": name}
         self.epoch, self.consumed = self.epoch + 1, 0
 
     def _loader(self, name: str, batches: list[list[tuple[int, int]]]) -> DataLoader:
@@ -196,15 +201,18 @@ class JointDataModule(LightningDataModule):
         caption_steps: ... followed by this many on caption batches (e.g. 2 and 1: two instruction steps per
             caption step)
         seed: seed of the per-epoch shuffling (each epoch uses seed + epoch)
+        model_settings: the trained model's tokenizer, context length, image transform and prompt style, handed to
+            every data module (`lit-adapter fit` links it from the model); None = each module's own
     """
 
     def __init__(
         self,
-        instruction: Optional[LightningDataModule] = None,
-        caption: Optional[LightningDataModule] = None,
+        instruction: Optional[TokenizedDataModule] = None,
+        caption: Optional[TokenizedDataModule] = None,
         instruction_steps: int = 1,
         caption_steps: int = 1,
         seed: int = 42,
+        model_settings: Optional[DataSettings] = None,
     ) -> None:
         super().__init__()
         if instruction is None and caption is None:
@@ -213,32 +221,37 @@ class JointDataModule(LightningDataModule):
             raise LitAdapterError(f"instruction_steps and caption_steps must be >= 1 (got {instruction_steps}, "
                                   f"{caption_steps})")
         self.parts = {name: dm for name, dm in ((INSTRUCTION, instruction), (CAPTION, caption)) if dm is not None}
+        for name, part in self.parts.items():
+            if part.source != name:
+                raise LitAdapterError(f"data.{name}: {type(part).__name__} holds {part.source} data; move it to "
+                                      f"data.{part.source}")
         self.steps = {INSTRUCTION: instruction_steps, CAPTION: caption_steps}
         self.seed = seed
-        self.val_sources: list[str] = []
-        self._connected = False
         self._train_loader: Optional[ResumableLoader] = None
+        if model_settings is not None:
+            self.connect_model(model_settings)
 
-    def _connect(self) -> None:
-        """Hand the model's tokenizer, context length and visual settings to the data modules (once)."""
-        if self._connected or self.trainer is None or self.trainer.lightning_module is None:
-            return
-        module = self.trainer.lightning_module
+    @property
+    def carries_images(self) -> dict[str, bool]:
+        """Per source: whether its batches hold images (captions always; instruction data with an image folder)."""
+        return {name: part.carries_images for name, part in self.parts.items()}
+
+    def connect_model(self, settings: DataSettings) -> None:
+        """Hand the model's settings to every data module; image data needs a model with a visual encoder."""
         for name, part in self.parts.items():
-            check_visual_settings(name, part, module)
-            connect = getattr(part, "connect", None)
-            if connect is None:
-                continue
-            connect(tokenizer_path=module.tokenizer_path, max_seq_length=module.max_seq_length)
-        self._connected = True
+            if part.carries_images and settings.clip_model is None:
+                if name == CAPTION:
+                    raise LitAdapterError("caption data needs a visual encoder: set model.adapter.visual (a "
+                                          "VisualConfig)")
+                raise LitAdapterError(f"data.{name}.image_dir is set but the adapter has no visual encoder: set "
+                                      "model.adapter.visual (a VisualConfig) or drop image_dir")
+            part.connect_model(settings, name)
 
     def prepare_data(self) -> None:
-        self._connect()
         for part in self.parts.values():
             part.prepare_data()
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._connect()
         for part in self.parts.values():
             part.setup(stage)
 
@@ -247,36 +260,13 @@ class JointDataModule(LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         block = trainer.accumulate_grad_batches if trainer is not None else 1
         sources = [
-            source_from_loader(name, part.train_dataloader(), getattr(part, "batch_size", None))
-            for name, part in self.parts.items()
+            source_from_loader(name, part.train_dataloader(), part.batch_size) for name, part in self.parts.items()
         ]
         self._train_loader = ResumableLoader(sources, self.steps, block, self.seed, rank, world_size)
         return self._train_loader
 
     def val_dataloader(self) -> list[DataLoader]:
-        loaders, self.val_sources = [], []
-        for name, part in self.parts.items():
-            loader = part.val_dataloader()
-            if isinstance(loader, DataLoader) and len(loader.dataset) > 0:  # type: ignore[arg-type]
-                loaders.append(loader)
-                self.val_sources.append(name)
-        return loaders
-
-
-def check_visual_settings(name: str, part: Any, module: Any) -> None:
-    """Image data needs a visual encoder, and must transform images for the CLIP model the adapter encodes them
-    with."""
-    visual = getattr(getattr(module, "adapter_config", None), "visual", None)
-    if visual is None:
-        if name == CAPTION:
-            raise LitAdapterError("caption data needs a visual encoder: set model.adapter.visual (a VisualConfig)")
-        if getattr(part, "image_dir", None) is not None:
-            raise LitAdapterError(f"data.{name}.image_dir is set but the adapter has no visual encoder: set "
-                                  "model.adapter.visual (a VisualConfig) or drop image_dir")
-        return
-    for key in ("clip_model", "image_size"):
-        if hasattr(part, key) and getattr(part, key) != getattr(visual, key):
-            raise LitAdapterError(
-                f"data.{name}.{key} is {getattr(part, key)!r} but model.adapter.visual.{key} is "
-                f"{getattr(visual, key)!r}; set them to the same value"
-            )
+        """Each source's validation loader (its batches name their source), sources without validation data left
+        out."""
+        loaders = [part.val_dataloader() for part in self.parts.values()]
+        return [loader for loader in loaders if isinstance(loader, DataLoader) and len(loader.dataset) > 0]  # type: ignore[arg-type]

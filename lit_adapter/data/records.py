@@ -31,9 +31,10 @@ class BadRecord(Exception):
 
 @dataclass
 class RecordReport:
-    """What became of a file's records: kept, skipped (by reason), truncated."""
+    """What became of a file's records: kept, skipped (by reason), truncated. `file_name` names the file (and the
+    part of it read, e.g. "problems.json[train]") in the summary."""
 
-    source: str
+    file_name: str
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
@@ -44,7 +45,7 @@ class RecordReport:
 
     def summary(self) -> str:
         """e.g. "alpaca.json: 198 records kept, 2 skipped (1 empty output, 1 missing field 'instruction')"."""
-        text = f"{self.source}: {self.kept} records kept"
+        text = f"{self.file_name}: {self.kept} records kept"
         total = sum(self.skipped.values())
         if total:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
@@ -57,7 +58,7 @@ class RecordReport:
 
     def to_dict(self) -> dict:
         return {
-            "source": self.source,
+            "file_name": self.file_name,
             "kept": self.kept,
             "skipped": dict(self.skipped),
             "truncated": self.truncated,
@@ -67,7 +68,7 @@ class RecordReport:
     @classmethod
     def from_dict(cls, data: dict) -> RecordReport:
         return cls(
-            source=data["source"],
+            file_name=data["file_name"],
             kept=data["kept"],
             skipped=Counter(data["skipped"]),
             truncated=data["truncated"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -120,17 +120,17 @@ def image_path(problem: ScienceQAProblem, image_dir: Path) -> Optional[Path]:
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 
-def _problem(pid: str, raw: dict, source: Path) -> ScienceQAProblem:
+def _problem(pid: str, raw: dict, path: Path) -> ScienceQAProblem:
     def checked(name: str, kind: type, default=None):
         value = raw.get(name, default)
         if not isinstance(value, kind):
-            raise LitAdapterError(f"{source}: problem {pid}: field {name!r} must be {kind.__name__}, found {value!r}")
+            raise LitAdapterError(f"{path}: problem {pid}: field {name!r} must be {kind.__name__}, found {value!r}")
         return value
 
     choices = checked("choices", list)
     answer = checked("answer", int)
     if not choices or not 0 <= answer < len(choices):
-        raise LitAdapterError(f"{source}: problem {pid}: answer {answer} is not an index of its {len(choices)} choices")
+        raise LitAdapterError(f"{path}: problem {pid}: answer {answer} is not an index of its {len(choices)} choices")
     return ScienceQAProblem(
         pid=pid,
         question=checked("question", str),
@@ -232,79 +232,66 @@ class ScienceQADataModule(TokenizedDataModule):
 
     Args:
         data_dir: the folder with problems.json and pid_splits.json
-        tokenizer_path: the SentencePiece model; the trainer fills it in from the checkpoint folder when left out
         train_split: the split to train on
         val_split: the split to validate on (None: no validation)
         captions: captions.json ({"captions": {pid: text}}) whose text joins the hint as context
         image_dir: the official `images` folder (with train/val/test inside); given, batches add `images` (zeros
             for problems without an image) and `has_image`
-        clip_model: the open_clip model whose image transform is used
-        image_size: image side in pixels (default: the CLIP model's)
-        prompt_style: alpaca, alpaca_zh, chat or raw
-        max_seq_length: longer samples are cut to this many tokens (counted in a warning)
-        batch_size: samples per batch
-        seed: seed of the shuffling
-        num_workers: data loader worker processes
-        group_by_length: batch samples of similar length together
-        on_bad_record: "error" or "skip" (a problem whose image is missing or unreadable)
-        cache_dir: where tokenised data is cached
+        clip_model: the open_clip model whose image transform is used; under `lit-adapter fit` the visual encoder's
+            (leave it out); None = ViT-L-14
+        image_size: image side in pixels (None: the CLIP model's); under `lit-adapter fit` the visual encoder's
+        settings: those of every data module (see `TokenizedDataModule`; on_bad_record applies to a problem whose
+            image is missing or unreadable)
     """
+
+    linked_settings = (*TokenizedDataModule.linked_settings, "clip_model", "image_size")
 
     def __init__(
         self,
         data_dir: Path,
-        tokenizer_path: Optional[Path] = None,
         train_split: str = "train",
         val_split: Optional[str] = "val",
         captions: Optional[Path] = None,
         image_dir: Optional[Path] = None,
-        clip_model: str = "ViT-L-14",
+        clip_model: Optional[str] = None,
         image_size: Optional[int] = None,
-        prompt_style: str = "alpaca",
-        max_seq_length: int = 512,
-        batch_size: int = 4,
-        seed: int = 42,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-        on_bad_record: Literal["error", "skip"] = "error",
-        cache_dir: Optional[Path] = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(
-            data_dir, tokenizer_path, prompt_style, max_seq_length, batch_size, 0, seed, num_workers,
-            group_by_length, on_bad_record, cache_dir,
-        )  # fmt: skip
+        super().__init__(data_dir, val_split=0, **settings)
         self.val_split = val_split
         self.data_dir = Path(data_dir)
-        self.splits = {"train": train_split, **({"val": val_split} if val_split else {})}
+        self.split_names = {"train": train_split, **({"val": val_split} if val_split else {})}
         self.captions_path = Path(captions) if captions is not None else None
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.clip_model = clip_model
         self.image_size = image_size
 
-    def sources(self) -> list[str]:
-        return list(self.splits)
+    @property
+    def carries_images(self) -> bool:
+        return self.image_dir is not None
 
-    def source_files(self, role: str) -> list[Path]:
+    def splits(self) -> list[str]:
+        return list(self.split_names)
+
+    def split_files(self, split: str) -> list[Path]:
         files = [self.data_dir / PROBLEMS_FILE, self.data_dir / SPLITS_FILE]
         return files + ([self.captions_path] if self.captions_path is not None else [])
 
-    def source_name(self, role: str) -> str:
-        return f"{PROBLEMS_FILE}[{self.splits[role]}]"
+    def file_name(self, split: str) -> str:
+        return f"{PROBLEMS_FILE}[{self.split_names[split]}]"
 
-    def source_settings(self, role: str) -> dict:
+    def split_settings(self, split: str) -> dict:
         image_dir = str(self.image_dir.resolve()) if self.image_dir is not None else None
-        return {"split": self.splits[role], "image_dir": image_dir}
+        return {"split": self.split_names[split], "image_dir": image_dir}
 
-    def encode_source(self, role: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
-        problems = load_problems(self.data_dir, self.splits[role])
+    def encode_split(self, split: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
+        problems = load_problems(self.data_dir, self.split_names[split])
         captions = load_captions(self.captions_path) if self.captions_path is not None else None
         gate = RecordGate(self.data_dir / PROBLEMS_FILE, report, self.on_bad_record)
-        return encode_problems(problems, tokenizer, self.prompt_style, self.max_seq_length, report, captions,
+        return encode_problems(problems, tokenizer, self.style, self.max_seq_length, report, captions,
                                self.image_dir, gate)  # fmt: skip
 
     def extras_loader(self, encoded: EncodedSamples, train: bool) -> Optional[Callable[[int], dict]]:
         if self.image_dir is None:
             return None
-        from lit_adapter.adapters.visual import image_transform
-
-        return ProblemImageLoader(encoded.extras["image"], image_transform(self.clip_model, train, self.image_size))
+        return ProblemImageLoader(encoded.extras["image"], self.image_transform(train))

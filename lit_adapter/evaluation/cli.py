@@ -44,7 +44,9 @@ def scienceqa(
     """Evaluate on ScienceQA: accuracy overall and by subject (NAT SOC LAN), context (TXT IMG NO) and grade.
 
     Prints the paper's table and writes `metrics.json` and `predictions.jsonl` to --output. A run stopped midway
-    resumes where it stopped when started again with the same --output.
+    resumes where it stopped when started again with the same --output. The model is loaded and decodes as in
+    `lit-adapter generate` (the same engine: bias/scale and LoRA folded, same device and precision), so generate
+    mode gives the answers `generate` gives for the same prompts.
 
     Args:
         data_dir: the ScienceQA folder with `problems.json` and `pid_splits.json`.

@@ -8,10 +8,10 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import tokenizer_path
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.evaluation.predict import ScienceQAPredictor
 from lit_adapter.evaluation.results import PredictionLog
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.inference.engine import Engine
 
 
 def predict_all(
@@ -58,28 +58,18 @@ def build_predictor(
     prompt_style: Optional[str],
     precision: str,
     device: str,
-):
-    from lit_adapter.adapters import load_adapter_model
+) -> ScienceQAPredictor:
+    """The engine (loaded exactly as `lit-adapter generate` loads it) with the run's captions and images."""
     from lit_adapter.data.scienceqa import load_captions
-    from lit_adapter.devices import resolve_device, resolve_dtype
-    from lit_adapter.evaluation.predict import ImageLoader, ScienceQAPredictor
 
-    dev = resolve_device(device)
-    model, config = load_adapter_model(checkpoint_dir, adapter, dev, resolve_dtype(precision, dev))
-    model.eval()
-    image_loader = None
-    if images is not None:
-        if model.visual is None:
-            raise LitAdapterError("--images needs an adapter with a visual encoder; this adapter has none")
-        image_loader = ImageLoader(images, config.visual.transform(train=False))
-    elif model.visual is not None:
+    # without an adapter the base model still answers in a template (alpaca), as it would after finetuning
+    style = prompt_style or ("alpaca" if adapter is None else None)
+    engine = Engine.load(checkpoint_dir, adapter, device, precision, prompt_style=style)
+    if images is not None and not engine.multimodal:
+        raise LitAdapterError("--images needs an adapter with a visual encoder; this adapter has none")
+    if images is None and engine.multimodal:
         print("warning: the adapter has a visual encoder but no --images were given; answering from text alone",
               file=sys.stderr)
     return ScienceQAPredictor(
-        model,
-        Tokenizer(tokenizer_path(checkpoint_dir)),
-        prompt_style or getattr(config, "prompt_style", None) or "alpaca",
-        dev,
-        captions=load_captions(captions) if captions is not None else None,
-        images=image_loader,
+        engine, captions=load_captions(captions) if captions is not None else None, image_dir=images
     )

@@ -15,8 +15,6 @@ from tqdm import tqdm
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.engine import Decoding, Engine, ExpertSlot, build_prompt
 from lit_adapter.inference.experts import Expert
-from lit_adapter.inference.generate import generate_batch
-from lit_adapter.inference.stream import cut_at_stop
 
 
 @dataclass
@@ -126,18 +124,10 @@ def decode_chunk(
     decoding: Decoding,
     generator: Optional[torch.Generator],
 ) -> list[tuple[str, int]]:
+    """(text, new token count) per record, decoded together; images become visual tokens when all have one."""
     images = [r.image for r in records] if all(r.image is not None for r in records) else []
-    decode = engine.tokenizer.decode
-
-    def should_stop(row: int, tokens: list[int]) -> bool:
-        return cut_at_stop(decode(tokens), decoding.stop)[1]
-
-    outputs = generate_batch(
-        engine.llama, list(prompts), decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
-        engine.tokenizer.eos_id, visual_tokens=engine.visual_tokens(images), generator=generator,
-        should_stop=should_stop if decoding.stop else None,
-    )
-    return [(cut_at_stop(decode(tokens), decoding.stop)[0], len(tokens)) for tokens in outputs]
+    outputs = engine.generate_batch(prompts, decoding, engine.visual_tokens(images), generator=generator)
+    return [(engine.text(tokens, decoding), len(tokens)) for tokens in outputs]
 
 
 def result_row(record: PromptRecord, text: str, prompt_tokens: int, new_tokens: int) -> dict:
@@ -148,5 +138,3 @@ def result_row(record: PromptRecord, text: str, prompt_tokens: int, new_tokens: 
         row["image"] = str(record.image)
     row.update(output=text, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     return row
-
-

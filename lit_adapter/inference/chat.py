@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -17,36 +18,37 @@ from lit_adapter.inference.experts import Expert
 HELP = "commands: /image PATH (talk about an image), /reset (forget the conversation), /exit"
 
 
+@dataclass(eq=False)
 class ChatSession:
-    """A conversation with an engine whose prompt style has `apply_turns` (the chat template)."""
+    """A conversation with an engine whose prompt style has `apply_turns` (the chat template); replies stream to
+    `out`, notices to `err`."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        decoding: Decoding,
-        system: Optional[str] = None,
-        expert: Optional[Expert] = None,
-        expert_slot: ExpertSlot = "input",
-        generator: Optional[torch.Generator] = None,
-        out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr,
-    ) -> None:
-        if not hasattr(engine.style, "apply_turns"):
-            raise LitAdapterError(f"prompt style {engine.style.name!r} has no multi-turn form; use --prompt_style chat")
-        self.engine = engine
-        self.decoding = decoding
-        self.system = system
-        self.expert = expert
-        self.expert_slot = expert_slot
-        self.generator = generator
-        self.out, self.err = out, err
+    engine: Engine
+    decoding: Decoding
+    system: Optional[str] = None
+    expert: Optional[Expert] = None
+    expert_slot: ExpertSlot = "input"
+    generator: Optional[torch.Generator] = None
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    # the conversation so far: set by reset()
+    turns: list[tuple[str, str]] = field(init=False)
+    image: Optional[Path] = field(init=False)
+    visual: Optional[torch.Tensor] = field(init=False)
+    pending_context: str = field(init=False)  # the expert's text about a new image, added to the next message
+
+    def __post_init__(self) -> None:
+        if not hasattr(self.engine.style, "apply_turns"):
+            raise LitAdapterError(
+                f"prompt style {self.engine.style.name!r} has no multi-turn form; use --prompt_style chat"
+            )
         self.reset()
 
     def reset(self) -> None:
-        self.turns: list[tuple[str, str]] = []
-        self.image: Optional[Path] = None
-        self.visual: Optional[torch.Tensor] = None
-        self.pending_context = ""  # the expert's text about a new image, added to the next message
+        self.turns = []
+        self.image = None
+        self.visual = None
+        self.pending_context = ""
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False when the chat should end."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from lit_adapter.devices import PRECISION_DTYPES, peak_memory_gb, resolve_device, resolve_dtype  # noqa: F401
+from lit_adapter.devices import peak_memory_gb
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import write_jsonl
 from lit_adapter.inference.batch import generate_records, read_prompts
@@ -36,6 +37,59 @@ def read_prompt(prompt: str) -> str:
     return sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
 
 
+@dataclass
+class Session:
+    """What `generate` and `chat` share: the loaded engine, its decoding, the expert and the random generator."""
+
+    engine: Engine
+    decoding: Decoding
+    expert: Optional[Expert]
+    expert_slot: ExpertSlot
+    generator: torch.Generator
+
+
+def open_session(
+    checkpoint_dir: Path,
+    adapter: Optional[Path],
+    prompt_style: Optional[str],
+    defaults: Decoding,
+    max_new_tokens: int,
+    expert: Optional[str] = None,
+    expert_slot: ExpertSlot = "input",
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop: Optional[list[str]] = None,
+    seed: int = 1234,
+    no_merge: bool = False,
+    precision: Precision = "auto",
+    device: str = "auto",
+) -> Session:
+    """The options of `generate` and `chat` beyond their own (each command passes them on as `**options`).
+
+    Args:
+        expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
+        expert_slot: where the expert's text goes: the prompt's input slot (after a chat message) or before the
+            instruction.
+        temperature: sampling temperature, 0 = greedy; default: generate 0.1 with an adapter (the paper's), 0
+            without; chat 0.7.
+        top_k: sample only among the k most likely tokens.
+        top_p: nucleus sampling mass; default: generate 0.75 with an adapter (the paper's), 1 without; chat 0.95.
+        stop: text that ends a generation (not printed) besides the template's own; repeat the flag for several.
+        seed: random seed for sampling.
+        no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
+        precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
+        device: cpu, cuda, cuda:1, ... or auto.
+    """
+    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
+    decoding = resolve_decoding(
+        replace(defaults, stop=engine.style.stop_sequences), max_new_tokens, temperature, top_k, top_p, stop or ()
+    )
+    chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    return Session(engine, decoding, chosen_expert, expert_slot, generator)
+
+
 def generate(
     checkpoint_dir: Path,
     adapter: Optional[Path] = None,
@@ -46,18 +100,9 @@ def generate(
     output_file: Optional[Path] = None,
     batch_size: int = 8,
     prompt_style: Optional[str] = None,
-    expert: Optional[str] = None,
-    expert_slot: ExpertSlot = "input",
     max_new_tokens: int = 100,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    stop: Optional[list[str]] = None,
     json: bool = False,
-    seed: int = 1234,
-    no_merge: bool = False,
-    precision: Precision = "auto",
-    device: str = "auto",
+    **options: Any,
 ) -> None:
     """Generate text with a base model or an adapter; the text streams to stdout, speed and memory go to stderr.
 
@@ -71,45 +116,30 @@ def generate(
         output_file: batch mode: where the JSONL results go (written atomically).
         batch_size: batch mode: prompts decoded together.
         prompt_style: alpaca, alpaca_zh, chat or raw; default: the adapter's own style, raw for the bare base model.
-        expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
-        expert_slot: where the expert's text goes: the prompt's input slot or before the instruction.
         max_new_tokens: the most tokens to generate.
-        temperature: sampling temperature, 0 = greedy; default 0.1 with an adapter (the paper's), 0 without.
-        top_k: sample only among the k most likely tokens.
-        top_p: nucleus sampling mass; default 0.75 with an adapter (the paper's), 1 without.
-        stop: text that ends the generation (not printed); repeat the flag for several.
         json: print one JSON object (text, token counts, tokens/s) instead of streaming text.
-        seed: random seed for sampling.
-        no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
-        precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
-        device: cpu, cuda, cuda:1, ... or auto.
+        options: expert, sampling, seed, merging, precision and device (see `open_session`).
     """
     if prompts_file is not None and output_file is None:
         raise LitAdapterError(f"{prompts_file}: batch mode needs --output_file for the results")
     if output_file is not None and prompts_file is None:
         raise LitAdapterError(f"{output_file}: --output_file is for batch mode; give --prompts_file too")
-    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
     defaults = ADAPTER_DECODING if adapter is not None else BASE_DECODING
-    decoding = resolve_decoding(
-        Decoding(**{**defaults.__dict__, "stop": engine.style.stop_sequences}),
-        max_new_tokens, temperature, top_k, top_p, stop or (),
-    )
-    chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
-    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    session = open_session(checkpoint_dir, adapter, prompt_style, defaults, max_new_tokens, **options)
+    engine = session.engine
     if prompts_file is not None:
-        records = read_prompts(prompts_file)
-        rows = generate_records(engine, records, decoding, batch_size, chosen_expert, expert_slot, generator,
-                                where=str(prompts_file))
+        rows = generate_records(engine, read_prompts(prompts_file), session.decoding, batch_size, session.expert,
+                                session.expert_slot, session.generator, where=str(prompts_file))
         write_jsonl(rows, output_file)
         print(f"{len(rows)} results written to {output_file}", file=sys.stderr)
         return
-    if chosen_expert is not None and image is None:
-        raise LitAdapterError(f"--expert {expert}: needs an --image to describe")
-    text = build_prompt(engine, read_prompt(prompt), input, image, chosen_expert, expert_slot)
+    if session.expert is not None and image is None:
+        raise LitAdapterError(f"--expert {options.get('expert')}: needs an --image to describe")
+    text = build_prompt(engine, read_prompt(prompt), input, image, session.expert, session.expert_slot)
     ids = engine.encode(text)
     visual = engine.visual_tokens([image] if image is not None else [])
     completion = Completion(prompt_tokens=ids.numel())
-    for piece in engine.stream(ids, decoding, visual, generator, completion):
+    for piece in engine.stream(ids, session.decoding, visual, session.generator, completion):
         if not json:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -123,20 +153,11 @@ def generate(
 def chat(
     checkpoint_dir: Path,
     adapter: Optional[Path] = None,
+    image: Optional[Path] = None,
     prompt_style: str = "chat",
     system: str = "",
-    image: Optional[Path] = None,
-    expert: Optional[str] = None,
-    expert_slot: ExpertSlot = "input",
     max_new_tokens: int = 256,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    stop: Optional[list[str]] = None,
-    seed: int = 1234,
-    no_merge: bool = False,
-    precision: Precision = "auto",
-    device: str = "auto",
+    **options: Any,
 ) -> None:
     """Multi-turn chat on stdin/stdout (works with a pipe); commands: /image PATH, /reset, /exit.
 
@@ -146,34 +167,20 @@ def chat(
     Args:
         checkpoint_dir: a folder written by `lit-adapter convert`.
         adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
+        image: an image to talk about from the start (as `/image PATH`).
         prompt_style: a style with a multi-turn form (chat: system line, Human/Assistant roles, "###").
         system: replaces the chat template's system line (empty: the template's own).
-        image: an image to talk about from the start (as `/image PATH`).
-        expert: image -> text expert: caption_file:PATH, self_caption[:ADAPTER_FILE], ocr or module.path:ClassName.
-        expert_slot: where the expert's text goes: after the message (input) or before it (instruction).
         max_new_tokens: the most tokens per reply (also the room kept free in the context).
-        temperature: sampling temperature (default 0.7), 0 = greedy.
-        top_k: sample only among the k most likely tokens.
-        top_p: nucleus sampling mass (default 0.95).
-        stop: text that ends a reply besides the template's separator; repeat the flag for several.
-        seed: random seed for sampling.
-        no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
-        precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
-        device: cpu, cuda, cuda:1, ... or auto.
+        options: expert, sampling, seed, merging, precision and device (see `open_session`).
     """
     from lit_adapter.inference.chat import ChatSession, run_chat
 
-    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
-    decoding = resolve_decoding(
-        Decoding(**{**CHAT_DECODING.__dict__, "stop": engine.style.stop_sequences}),
-        max_new_tokens, temperature, top_k, top_p, stop or (),
-    )
-    chosen_expert = make_expert(expert, engine, checkpoint_dir, device, precision, not no_merge)
-    generator = torch.Generator(device=engine.device).manual_seed(seed)
-    session = ChatSession(engine, decoding, system or None, chosen_expert, expert_slot, generator)
+    session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
+    chat_session = ChatSession(session.engine, session.decoding, system or None, session.expert, session.expert_slot,
+                               session.generator)
     if image is not None:
-        session.set_image(str(image))
-    run_chat(session, sys.stdin, interactive=sys.stdin.isatty())
+        chat_session.set_image(str(image))
+    run_chat(chat_session, sys.stdin, interactive=sys.stdin.isatty())
 
 
 def make_expert(

@@ -1,48 +1,37 @@
-"""A loaded model ready to answer: base or adapter model, tokenizer, prompt style, image path, decoding settings."""
+"""A loaded model ready to answer: base or adapter model, tokenizer, prompt style, decoding settings.
+
+Every command decodes through an `Engine`: `generate` and `chat` (`stream`, `complete`), batch files and evaluation
+(`generate_batch`, `score`), so they all load, fold and decode the same way. Each decoding entry runs inside the
+engine's CPU decoding context `self.cpu`: process-wide torch settings change only while it is entered.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from torch import Tensor
 
-from lit_adapter.checkpoint import load_config, load_model, tokenizer_path
+from lit_adapter.checkpoint import load_model, tokenizer_path
 from lit_adapter.devices import resolve_device, resolve_dtype
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.images import check_image, load_images
+from lit_adapter.inference.cpu import CPUDecoding
 from lit_adapter.inference.experts import Expert
+from lit_adapter.inference.generate import generate_batch as decode_batch
 from lit_adapter.inference.generate import generate_tokens
-from lit_adapter.inference.stream import StopFilter
+from lit_adapter.inference.stream import StopFilter, cut_at_stop
 from lit_adapter.model import LLaMA
 from lit_adapter.prompts import PromptStyle, get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
 
 Precision = Literal["auto", "32-true", "bf16-true", "16-true"]
 ExpertSlot = Literal["input", "instruction"]
-
-
-SINGLE_THREAD_MAX_DIM = 256
-
-
-def column_major_weights(model: torch.nn.Module) -> None:
-    """For inference on CPU in float32: lay each linear weight [out, in] out transposed in memory (same values, same
-    shape, same parameter).
-
-    Decoding one sequence multiplies one row by every weight, and MKL's float32 matrix-vector product reads the
-    transposed layout faster: 7.1 -> 2.8 ms for a 32000 x 512 classifier, 10.3 -> 8.6 ms for the 56 products of 8
-    layers (dim 512, 2 Zen 4 cores). At 8 to 64 rows the classifier still gains and the layers lose 15-30%, so
-    batches run about even. bf16 and GPU kernels gain nothing, so those weights are left as they are.
-    """
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu":
-            continue
-        if weight.dtype == torch.float32 and weight.is_contiguous():
-            weight.data = weight.data.t().contiguous().t()
+StopRule = Callable[[int, list[int]], bool]  # (row, its new tokens so far) -> whether the row ends here
 
 
 @dataclass(frozen=True)
@@ -100,7 +89,8 @@ class Completion:
 
 
 class Engine:
-    """Generation with a base model (`adapter_model` None) or an adapter model; `llama` is the model that runs."""
+    """Generation and scoring with a base model (`adapter_model` None) or an adapter model; `llama` is the model
+    that runs (the adapter model's, its linears folded by `load`)."""
 
     def __init__(
         self,
@@ -109,6 +99,7 @@ class Engine:
         style: PromptStyle,
         adapter_model=None,
         adapter_style: Optional[PromptStyle] = None,
+        cpu: Optional[CPUDecoding] = None,
     ) -> None:
         self.llama = llama
         self.tokenizer = tokenizer
@@ -117,6 +108,8 @@ class Engine:
         self.adapter_model = adapter_model
         self.device = llama.output.weight.device
         self.dtype = llama.output.weight.dtype
+        # entered around every decoding call; a model handed in keeps its layout (no `prepare`)
+        self.cpu = cpu if cpu is not None else CPUDecoding.for_model(llama)
 
     @classmethod
     def load(
@@ -128,28 +121,30 @@ class Engine:
         merge: bool = True,
         prompt_style: Optional[str] = None,
     ) -> Engine:
-        """Base model alone (prompt style `raw`) or with an adapter (the style saved with it, alpaca by default)."""
+        """Base model alone (prompt style `raw`) or with an adapter (the style saved with it, alpaca by default).
+
+        `merge` folds bias/scale and LoRA into plain linears (one matmul per linear while decoding). The CPU decoding
+        context is chosen for the loaded model, and its layout choices applied to it.
+        """
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
-        if dev.type == "cpu" and load_config(checkpoint_dir).dim <= SINGLE_THREAD_MAX_DIM:
-            # decoding a tiny model is a stream of microsecond ops: keeping several threads in step costs more than
-            # it saves, and far more when another process holds a core (measured 35x slower on 2 busy cores)
-            torch.set_num_threads(1)
+        tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
+        adapter_model, adapter_style = None, get_prompt_style(prompt_style or "raw")
         if adapter is None:
             llama = load_model(checkpoint_dir, device=dev, dtype=dtype)
-            column_major_weights(llama)
-            return cls(llama, Tokenizer(tokenizer_path(checkpoint_dir)), get_prompt_style(prompt_style or "raw"))
-        from lit_adapter.adapters import load_adapter_model
+        else:
+            from lit_adapter.adapters import load_adapter_model
+            from lit_adapter.adapters.merge import merge_linears
 
-        adapter_model, adapter_config = load_adapter_model(checkpoint_dir, adapter, device=dev, dtype=dtype)
-        tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
-        adapter_model.eval()
-        if merge:
-            merge_for_inference(adapter_model)
-        column_major_weights(adapter_model.llama)
-        adapter_style = get_prompt_style(adapter_config.prompt_style or "alpaca")
+            adapter_model = load_adapter_model(checkpoint_dir, adapter, device=dev, dtype=dtype)
+            if merge:
+                merge_linears(adapter_model)
+            llama = adapter_model.llama
+            adapter_style = get_prompt_style(adapter_model.adapter_config.prompt_style or "alpaca")
         style = get_prompt_style(prompt_style) if prompt_style else adapter_style
-        return cls(adapter_model.llama, tokenizer, style, adapter_model, adapter_style)
+        cpu = CPUDecoding.for_model(llama)
+        cpu.prepare(llama)
+        return cls(llama, tokenizer, style, adapter_model, adapter_style, cpu)
 
     @property
     def multimodal(self) -> bool:
@@ -162,11 +157,15 @@ class Engine:
     def format(self, instruction: str, input: str = "") -> str:
         return self.style.apply(instruction, input)
 
-    def encode(self, text: str) -> torch.Tensor:
+    def encode(self, text: str) -> Tensor:
         return torch.tensor(self.tokenizer.encode(text, bos=True), device=self.device)
 
+    def text(self, tokens: list[int], decoding: Decoding) -> str:
+        """The text of generated `tokens`, cut before the first of the decoding's stop sequences."""
+        return cut_at_stop(self.tokenizer.decode(tokens), decoding.stop)[0]
+
     @torch.inference_mode()
-    def visual_tokens(self, images: Sequence[Path]) -> Optional[torch.Tensor]:
+    def visual_tokens(self, images: Sequence[Path]) -> Optional[Tensor]:
         """The adapter's visual prompt for each image [B, tokens, dim], computed once per generation; None for a
         model without a visual encoder (its images reach it only as an expert's text)."""
         if not images or not self.multimodal:
@@ -175,53 +174,98 @@ class Engine:
         pixels = load_images(images, transform, self.device, self.dtype)
         return self.adapter_model.encode_images(pixels)
 
-    def stream(
-        self,
-        prompt_ids: torch.Tensor,
-        decoding: Decoding,
-        visual_tokens: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-        completion: Optional[Completion] = None,
-    ) -> Iterator[str]:
-        """Text pieces as they are generated (stop sequences cut, never shown); counts go into `completion`."""
+    def stream(self, prompt_ids: Tensor, decoding: Decoding, visual_tokens: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None, completion: Optional[Completion] = None) -> Iterator[str]:
+        """Text pieces as they are generated (stop sequences cut, never shown); counts go into `completion`.
+
+        The CPU decoding context is held from the first piece until the stream is exhausted or closed.
+        """
         completion = completion if completion is not None else Completion(prompt_tokens=prompt_ids.numel())
         stops = StopFilter(decoding.stop)
-        text = self.tokenizer.stream_decoder()
-        start = time.perf_counter()
-        tokens = generate_tokens(
-            self.llama, prompt_ids, decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
-            self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
-        )
         limit = min(decoding.max_new_tokens, self.context_length - prompt_ids.numel())
-        try:
-            for token in tokens:
-                completion.new_tokens += 1
-                piece = stops.push(text.push(token))
-                if piece:
-                    yield piece
-                if stops.stopped:
-                    break
-            else:
-                tail = stops.push(text.flush()) + stops.flush()
-                if tail:
-                    yield tail
-        finally:
-            tokens.close()
-            completion.seconds = time.perf_counter() - start
-            completion.text = stops.text
-            completion.finish = "stop" if stops.stopped else "length" if completion.new_tokens >= limit else "eos"
+        with self.cpu:
+            start = time.perf_counter()
+            tokens = generate_tokens(
+                self.llama, prompt_ids, decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
+                self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
+            )
+            try:
+                yield from self._pieces(tokens, stops, completion)
+            finally:
+                tokens.close()
+                completion.seconds = time.perf_counter() - start
+                completion.text = stops.text
+                completion.finish = "stop" if stops.stopped else "length" if completion.new_tokens >= limit else "eos"
 
-    def complete(
-        self,
-        prompt_ids: torch.Tensor,
-        decoding: Decoding,
-        visual_tokens: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> Completion:
+    def _pieces(self, tokens: Iterator[int], stops: StopFilter, completion: Completion) -> Iterator[str]:
+        text = self.tokenizer.stream_decoder()
+        for token in tokens:
+            completion.new_tokens += 1
+            piece = stops.push(text.push(token))
+            if piece:
+                yield piece
+            if stops.stopped:
+                return
+        tail = stops.push(text.flush()) + stops.flush()
+        if tail:
+            yield tail
+
+    def complete(self, prompt_ids: Tensor, decoding: Decoding, visual_tokens: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Completion:
+        """The whole generation at once (`stream` consumed)."""
         completion = Completion(prompt_tokens=prompt_ids.numel())
         for _ in self.stream(prompt_ids, decoding, visual_tokens, generator, completion):
             pass
         return completion
+
+    def generate_batch(
+        self, prompts: Sequence[Tensor], decoding: Decoding, visual_tokens: Optional[Tensor] = None,
+        should_stop: Optional[StopRule] = None, generator: Optional[torch.Generator] = None,
+    ) -> list[list[int]]:
+        """New token ids for each 1-D prompt, decoded together as one left-padded batch.
+
+        A row ends at EOS (not included), at `decoding.max_new_tokens`, once its text holds one of `decoding.stop`
+        (the tokens are kept: `text` cuts them) or when `should_stop(row, tokens)` says so. `visual_tokens`
+        [B, tokens, dim] has one row per prompt (or one, shared). Greedy results equal `complete`'s one by one.
+        """
+        stops = decoding.stop
+
+        def stop_rule(row: int, tokens: list[int]) -> bool:
+            reached = bool(stops) and cut_at_stop(self.tokenizer.decode(tokens), stops)[1]
+            return reached or (should_stop is not None and should_stop(row, tokens))
+
+        with self.cpu:
+            return decode_batch(
+                self.llama, list(prompts), decoding.max_new_tokens, decoding.temperature, decoding.top_k,
+                decoding.top_p, self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
+                should_stop=stop_rule if stops or should_stop is not None else None,
+            )
+
+    @torch.inference_mode()
+    def score(
+        self, rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], visual_tokens: Optional[Tensor] = None
+    ) -> list[float]:
+        """Summed log-likelihood of tokens [start, end) of each row, given the tokens before them.
+
+        Args:
+            rows: token ids (BOS first) of any lengths; all rows go through one right-padded forward pass.
+            spans: per row, the positions [start, end) scored, 1 <= start < end <= len(row).
+            visual_tokens: [len(rows), tokens, dim] (or one row, shared), or None.
+
+        Returns:
+            One summed log-probability per row.
+        """
+        width = max(len(ids) for ids in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        scored = torch.zeros(len(rows), width - 1, dtype=torch.bool, device=self.device)
+        for row, (ids, (start, end)) in enumerate(zip(rows, spans, strict=True)):
+            tokens[row, : len(ids)] = torch.tensor(ids, device=self.device)
+            scored[row, start - 1: end - 1] = True  # the logits at t predict token t + 1
+        with self.cpu:
+            # padding sits after each row, so causal attention keeps it out of the scored positions
+            logits = self.llama(tokens, visual_tokens=visual_tokens)[:, :-1].float()  # [B, width - 1, vocab]
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        return torch.where(scored, log_probs, 0.0).sum(dim=-1).tolist()
 
     def caption(self, image: Path, instruction: str, max_new_tokens: int = 64) -> str:
         """Greedy answer to `instruction` about `image` in the adapter's own template (the self-caption expert)."""
@@ -261,31 +305,3 @@ def with_context(instruction: str, input: str, context: str, slot: ExpertSlot) -
         return instruction, f"{context}\n{input}" if input else context
     return f"{context}\n{instruction}", input
 
-
-def merge_for_inference(adapter_model) -> int:
-    """Fold bias/scale and LoRA into plain nn.Linear modules (y = W'x + b'), so decoding runs one matmul per linear.
-
-    wk/wv keep their LoRA apart when the adapter's prompts must bypass it (`prompt_kv_lora` False): the prompt
-    keys/values would otherwise see the folded LoRA. Returns the number of linears folded.
-    """
-    from lit_adapter.adapters.linear import AdaptedLinear
-
-    keep_lora = {"wk", "wv"} if not adapter_model.adapter_config.prompt_kv_lora else set()
-    folded = 0
-    for block in adapter_model.llama.layers:
-        for parent in (block.attention, block.feed_forward):
-            for name, module in list(parent.named_children()):
-                if not isinstance(module, AdaptedLinear) or (name in keep_lora and module.lora_rank):
-                    continue
-                setattr(parent, name, plain_linear(*module.folded()))
-                folded += 1
-    return folded
-
-
-def plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.nn.Linear:
-    with torch.device("meta"):
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = torch.nn.Parameter(bias.to(weight.dtype), requires_grad=False)
-    return linear

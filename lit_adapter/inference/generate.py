@@ -1,13 +1,17 @@
-"""Token sampling and KV-cache decoding, one prompt at a time or a left-padded batch."""
+"""Token sampling and KV-cache decoding, one prompt at a time or a left-padded batch.
+
+Decoding runs with torch's settings as they are; inside an entered `lit_adapter.inference.cpu.CPUDecoding`, each
+forward pass takes that context's per-step settings (`decode_step`).
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.inference.cpu import decode_step
 from lit_adapter.model import LLaMA
 
 
@@ -38,15 +42,9 @@ def sample(
 
 @torch.inference_mode()
 def generate_tokens(
-    model: LLaMA,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: float = 1.0,
-    eos_id: Optional[int] = None,
-    visual_tokens: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    model: LLaMA, prompt: torch.Tensor, max_new_tokens: int,
+    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+    visual_tokens: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time for a 1-D prompt, stopping at EOS (not yielded) or max_new_tokens."""
     if prompt.ndim != 1 or prompt.numel() == 0:
@@ -62,7 +60,7 @@ def generate_tokens(
         input_pos = torch.arange(prompt.numel(), device=prompt.device)
         tokens = prompt[None]
         for _ in range(max_new_tokens):
-            with one_row_kernels(tokens):
+            with decode_step(tokens):
                 logits = model(tokens, input_pos=input_pos, visual_tokens=visual_tokens, last_only=True)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_token)
@@ -73,24 +71,6 @@ def generate_tokens(
             input_pos = input_pos[-1:] + 1
     finally:
         model.clear_kv_cache()
-
-
-@contextmanager
-def one_row_kernels(tokens: torch.Tensor) -> Iterator[None]:
-    """Around a forward pass of one token on CPU: torch's own half-precision matrix-vector kernels, not oneDNN's.
-
-    For a single row they are 1.3-2.4x faster (bf16 on 2 Zen 4 cores: 1.0 vs 2.5 ms for the 32000 x 512 classifier,
-    0.05 vs 0.08 ms for a 1376 x 512 layer); from 8 rows on oneDNN wins by far, so prefill and batches keep it.
-    float32 products do not go through oneDNN at all.
-    """
-    if tokens.numel() != 1 or tokens.device.type != "cpu" or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,15 +103,9 @@ def row_positions(pads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate_batch(
-    model: LLaMA,
-    prompts: Sequence[torch.Tensor],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: float = 1.0,
-    eos_id: Optional[int] = None,
-    visual_tokens: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+    visual_tokens: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> list[list[int]]:
     """New token ids for each 1-D prompt, decoded together: left padding, a padding mask, per-row positions.
@@ -154,7 +128,7 @@ def generate_batch(
         slots = torch.arange(width, device=tokens.device)
         for _ in range(max_new_tokens):
             mask = padded_mask(pads, slots, int(slots[-1]) + 1)
-            with one_row_kernels(tokens):
+            with decode_step(tokens):
                 logits = model(tokens, input_pos=slots, visual_tokens=visual_tokens, mask=mask,
                                positions=row_positions(pads, slots), last_only=True)
             next_tokens = sample(logits[:, -1], temperature, top_k, top_p, generator)

@@ -24,12 +24,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 from safetensors import safe_open
 from torch import nn
 
-from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
+from lit_adapter.adapters import AdapterModel
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_config
+from lit_adapter.devices import default_dtype
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import Block, LLaMA
+from lit_adapter.model import Block
 from lit_adapter.training.names import STATE_PREFIX, clean_name
-from lit_adapter.training.precision import default_dtype
 
 
 class AdapterFSDPStrategy(FSDPStrategy):
@@ -109,7 +109,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
         model, before the module's on_load_checkpoint sees the checkpoint)."""
         path = self.broadcast(checkpoint_path)
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("state_dict", {})
-        self.lightning_module.check_trainable_keys(state.keys(), source=str(path))
+        self.lightning_module.check_trainable_keys(state.keys(), origin=str(path))
         return super().load_checkpoint(path, weights_only)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -226,11 +226,10 @@ class PrefixedTensors:
         return self.handle.get_tensor(key.removeprefix(self.prefix))
 
 
-def build_for_sharding(base_dir: Path, adapter_config: AdapterConfig) -> AdapterModel:
-    """Everything on the meta device but the frozen CLIP tower: FSDP materialises and shards the units, then
-    `load_after_sharding` copies the weights in."""
-    with torch.device("meta"), default_dtype(torch.float32):
-        model = build_adapter_model(LLaMA(load_config(base_dir)), adapter_config)
+def prepare_for_sharding(model: AdapterModel) -> AdapterModel:
+    """A model built on the meta device, made ready for FSDP, which materialises and shards the units (then
+    `load_after_sharding` copies the weights in): tied embeddings get real storage, the frozen CLIP tower is built on
+    CPU (FSDP ignores it)."""
     llama = model.llama
     if llama.config.tie_embeddings:
         # FSDP's meta-device materialisation makes a new tensor per module and would untie the classifier from
@@ -241,7 +240,7 @@ def build_for_sharding(base_dir: Path, adapter_config: AdapterConfig) -> Adapter
         from lit_adapter.adapters.visual import build_clip_encoder
 
         with torch.device("cpu"), default_dtype(torch.float32):
-            model.visual.attach_encoder(build_clip_encoder(adapter_config.visual))
+            model.visual.attach_encoder(build_clip_encoder(model.adapter_config.visual))
     return model
 
 
@@ -254,7 +253,10 @@ def load_after_sharding(root: nn.Module, base_dir: Path, init_adapter: Optional[
     if missing:
         raise LitAdapterError(f"{path}: weight {missing[0]!r} has no place in the sharded model")
     if init_adapter:
-        from lit_adapter.adapters.io import read_adapter
+        from lit_adapter.adapters.formats import check_adapter_tensors, read_adapter
+        from lit_adapter.adapters.model import adapter_shapes
 
-        adapter = read_adapter(init_adapter, load_config(base_dir))
+        base = load_config(base_dir)
+        adapter = read_adapter(init_adapter, base)
+        check_adapter_tensors(adapter, adapter_shapes(base, adapter.config))  # (the sharded model has no shapes)
         load_full_tensors(root, {STATE_PREFIX + k: v for k, v in adapter.tensors.items()})

@@ -21,7 +21,8 @@ LossSum = tuple[torch.Tensor, torch.Tensor]
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
-    """(sum of token losses, number of supervised tokens): logits at t predict labels at t+1; -100 is ignored."""
+    """(sum of token losses, number of supervised tokens): logits at t predict labels at t+1; IGNORE_INDEX labels
+    are not supervised."""
     logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     targets = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -62,13 +63,14 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(t.shape[0], device=t.device)
-            logits = (h @ weight.t()).to(loss_dtype)  # the one [chunk, vocab] buffer; the rest works in place
+            logits = (h @ weight.t()).to(loss_dtype)  # (chunk, vocab): the one large buffer, reused in place below
             target_logits = logits[rows, t]
             top = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (sums.log() + top).squeeze(1).sub_(target_logits).sum()
+            exps = logits.sub_(top).exp_()  # exp(logits - max)
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (sums.log() + top).squeeze(1).sub_(target_logits).sum()  # logsumexp(logits) - target logit
             if grad_hidden is not None:
-                probs = logits.div_(sums)
+                probs = exps.div_(sums)  # softmax
                 probs[rows, t] -= 1.0  # softmax - onehot = d loss / d logits
                 grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)

@@ -1,8 +1,27 @@
-"""AdamW for adapter parameters: the official weight-decay split, and eagerly created state."""
+"""What trains and how: trainable patterns, the official AdamW weight-decay split, eagerly created AdamW state."""
 
 from __future__ import annotations
 
+import fnmatch
+from typing import Optional
+
 import torch
+
+from lit_adapter.errors import LitAdapterError
+
+
+def apply_trainable_patterns(model: torch.nn.Module, patterns: Optional[list[str]]) -> None:
+    """Train only the adapter parameters whose names match one of the glob `patterns` (None: all of them); the
+    others stay frozen at their initial values."""
+    if patterns is None:
+        return
+    names = model.adapter_names
+    trainable = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not trainable:
+        raise LitAdapterError(f"trainable={patterns} matches none of the adapter parameters (e.g. {names[:3]})")
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(name in trainable)
 
 
 def decay_groups(named_parameters, weight_decay: float) -> list[dict]:

@@ -7,7 +7,7 @@ Counting in optimizer steps (not micro-batches) is what makes the peak reachable
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -50,3 +50,15 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min
     if total_steps <= 0:
         raise LitAdapterError(f"the schedule needs a positive number of optimizer steps (got {total_steps})")
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, min_lr_ratio))
+
+
+def schedule_for(
+    optimizer: Optimizer, trainer: Any, warmup_steps: Optional[int], warmup_epochs: Optional[float], min_lr_ratio: float
+) -> LambdaLR:
+    """The warmup-cosine schedule over the trainer's whole run (warmup given in optimizer steps or in epochs)."""
+    total = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = max(1, -(-trainer.num_training_batches // trainer.accumulate_grad_batches))
+    if trainer.num_training_batches == float("inf"):
+        steps_per_epoch = total
+    warmup = resolve_warmup_steps(warmup_steps, warmup_epochs, steps_per_epoch, total)
+    return warmup_cosine(optimizer, warmup, total, min_lr_ratio)

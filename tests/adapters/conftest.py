@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import lit_adapter.model as model_module
+from lit_adapter.adapters.visual import VisualAdapter
+from tests.adapters.helpers import tiny_visual
 
 
 @pytest.fixture
@@ -29,3 +31,19 @@ def float64_base(monkeypatch):
     monkeypatch.setattr(model_module.RMSNorm, "forward", rms_norm)
     monkeypatch.setattr(model_module, "apply_rope", rope)
     monkeypatch.setattr(model_module, "build_rope", rope_tables)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Two random 32x32 images (the tiny CLIP tower's size)."""
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def clip_weights(tmp_path) -> str:
+    """A fixed tiny CLIP tower saved to a file, so every model built from the config gets the same frozen tower."""
+    torch.manual_seed(7)
+    tower = VisualAdapter(tiny_visual(), 64).clip.visual
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(tower.state_dict(), path)
+    return str(path)

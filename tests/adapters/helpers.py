@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from lit_adapter.adapters import AdapterConfig, AdapterModel
-from lit_adapter.adapters.visual import TINY_CLIP_MODEL, VisualConfig
 from tests.adapters.reference import Adapter
+from tests.helpers import tiny_visual  # noqa: F401  (the adapter tests' visual config)
+
+DIM, LAYERS, HEADS, KV_DIM, HIDDEN = 64, 5, 8, 32, 172  # stories260K
+ATTENTION = {"wq": (DIM, DIM), "wk": (KV_DIM, DIM), "wv": (KV_DIM, DIM), "wo": (DIM, DIM)}  # [out, in]
+FFN = {"w1": (HIDDEN, DIM), "w2": (DIM, HIDDEN), "w3": (HIDDEN, DIM)}
+GENERATOR = torch.Generator().manual_seed(0)
 
 IDS = torch.tensor([[1, 403, 261, 336, 271, 259, 500, 400, 7], [1, 18, 77, 123, 321, 45, 99, 256, 3]])
 
 
-def tiny_visual(**overrides) -> VisualConfig:
-    fields = dict(clip_model=TINY_CLIP_MODEL, clip_pretrained=None, visual_len=3, n_blocks=1, block_heads=2)
-    return VisualConfig(**{**fields, **overrides})
+def official_clip_encode_image(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LLaMA-Adapter V2's `clip_encode_image`: every token through ln_post and the visual projection."""
+    x = visual.conv1(x).flatten(2).permute(0, 2, 1)
+    cls = visual.class_embedding.expand(x.shape[0], 1, -1)
+    x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding)
+    for block in visual.transformer.resblocks:
+        x = block(x)
+    return visual.ln_post(x) @ visual.proj
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -108,3 +120,21 @@ def reference_adapter(model: AdapterModel, visual_tokens: torch.Tensor | None) -
         adapter.norms = {k.removeprefix("llama."): v.detach() for k, v in model.named_parameters()
                          if k.endswith("norm.weight")}
     return adapter
+
+
+def rand(*shape, scale: float = 0.2) -> torch.Tensor:
+    return scale * torch.randn(*shape, generator=GENERATOR)
+
+
+def one_line_error(err: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def official_v1(gate_shape=(1, HEADS, 1, 1)) -> dict[str, torch.Tensor]:
+    """The released V1 layout at stories260K size: adapter_query for L=3 layers x K=4 tokens, a gate per layer."""
+    state = {"adapter_query.weight": rand(3 * 4, DIM, scale=1.0)}
+    state |= {f"layers.{i}.attention.gate": rand(*gate_shape, scale=1.0) for i in range(LAYERS)}
+    return state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_adapter.adapters import AdapterConfig, build_adapter_model
+from lit_adapter.adapters import AdapterConfig, attach_adapters
 from lit_adapter.adapters.visual import VisualConfig
 from lit_adapter.config import ModelConfig
 from lit_adapter.model import LLaMA
@@ -16,7 +16,7 @@ W, BLOCKS, QUERIES = 768, 8, 10  # official V2 visual adapter on CLIP ViT-L/14 (
 
 def trainable(model_name: str, config: AdapterConfig) -> int:
     with torch.device("meta"):
-        model = build_adapter_model(LLaMA(ModelConfig.from_name(model_name)), config)
+        model = attach_adapters(LLaMA(ModelConfig.from_name(model_name)), config)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lit_adapter.adapters import build_adapter_model
+from lit_adapter.adapters import attach_adapters
 from lit_adapter.adapters.groups import parameter_groups
 from tests.adapters.helpers import MODES
 
 
 @pytest.mark.parametrize("mode", ["v2-early", "v2-early-overlap-newgate", "v2-late", "v1-global", "v2-lora"])
 def test_groups_are_disjoint_and_cover_the_trainable_set(stories260k, mode):
-    model = build_adapter_model(stories260k, MODES[mode])
+    model = attach_adapters(stories260k, MODES[mode])
     groups = parameter_groups(model)
     visual, language = dict(groups["visual"]), dict(groups["language"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -33,7 +33,7 @@ def test_groups_are_disjoint_and_cover_the_trainable_set(stories260k, mode):
 
 
 def test_groups_follow_requires_grad(stories260k):
-    model = build_adapter_model(stories260k, MODES["v2-early"])
+    model = attach_adapters(stories260k, MODES["v2-early"])
     model.visual.requires_grad_(False)  # e.g. a phase that trains the language side only
     groups = parameter_groups(model)
     assert {n for n, _ in groups["visual"]} == {"llama.layers.0.attention.adaption_prompt.visual_gate",

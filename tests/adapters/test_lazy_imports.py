@@ -14,7 +14,9 @@ VISUAL_MODULES = ("open_clip", "timm", "torchvision")
 # Text-only entry points: none of open_clip, timm or torchvision.
 TEXT_ONLY = (
     "lit_adapter.adapters",
-    "lit_adapter.adapters.io",
+    "lit_adapter.adapters.formats",
+    "lit_adapter.adapters.model",
+    "lit_adapter.adapters.merge",
     "lit_adapter.adapters.groups",
     "lit_adapter.model",
     "lit_adapter.inference.generate",

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.adapters import AdapterConfig, build_adapter_model
+from lit_adapter.adapters import AdapterConfig, attach_adapters
 from lit_adapter.adapters.linear import AdaptedLinear
 from lit_adapter.config import ModelConfig
 from lit_adapter.model import LLaMA, RMSNorm
@@ -77,7 +77,7 @@ def test_initial_values_leave_the_output_bit_identical():
 )
 def test_each_bias_mode_adapts_the_documented_linears(mode, bias, scale_in, scale_out):
     config = ModelConfig.from_name("tiny-gqa")
-    model = build_adapter_model(LLaMA(config), AdapterConfig(adapter_layers=0, bias_mode=mode))
+    model = attach_adapters(LLaMA(config), AdapterConfig(adapter_layers=0, bias_mode=mode))
     state = model.state_dict()
     for i in range(config.n_layers):
         for name in ALL:
@@ -97,7 +97,7 @@ def test_each_bias_mode_adapts_the_documented_linears(mode, bias, scale_in, scal
 
 def test_lora_targets_and_shapes():
     config = ModelConfig.from_name("tiny-gqa")
-    model = build_adapter_model(LLaMA(config), AdapterConfig(adapter_layers=0, lora_rank=3, lora_targets=["wk", "w2"]))
+    model = attach_adapters(LLaMA(config), AdapterConfig(adapter_layers=0, lora_rank=3, lora_targets=["wk", "w2"]))
     attention, ffn = model.llama.layers[1].attention, model.llama.layers[1].feed_forward
     assert attention.wk.lora_l1.shape == (3, 32) and attention.wk.lora_l2.shape == (16, 3)  # 2 KV heads x 8
     assert ffn.w2.lora_l1.shape == (3, 64) and ffn.w2.lora_l2.shape == (32, 3)
@@ -106,7 +106,7 @@ def test_lora_targets_and_shapes():
 
 def test_freezing_and_train_norms():
     config = ModelConfig.from_name("tiny-gqa")
-    model = build_adapter_model(LLaMA(config), AdapterConfig.v2(adapter_len=2, lora_rank=2, new_gate=True))
+    model = attach_adapters(LLaMA(config), AdapterConfig.v2(adapter_len=2, lora_rank=2, new_gate=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     norms = {f"llama.{n}" for n, m in model.llama.named_modules() if isinstance(m, RMSNorm)}
     assert {f"{n}.weight" for n in norms} <= trainable and "llama.norm.weight" in trainable
@@ -118,7 +118,7 @@ def test_reset_parameters_after_meta_device_construction():
     config = ModelConfig.from_name("tiny-gqa")
     adapter = AdapterConfig.v2(adapter_len=2, lora_rank=2, new_gate=True, visual=tiny_visual(), visual_layers=2)
     with torch.device("meta"):
-        model = build_adapter_model(LLaMA(config), adapter)
+        model = attach_adapters(LLaMA(config), adapter)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for param in model.parameters():
@@ -127,7 +127,7 @@ def test_reset_parameters_after_meta_device_construction():
     params = dict(model.named_parameters())
     assert all(torch.isfinite(p).all() for p in params.values())
     for name, param in params.items():
-        if name.endswith(("prefix.gate", "visual_gate", ".bias")) and name.startswith("llama."):
+        if name.endswith(("adaption_prompt.gate", "visual_gate", ".bias")) and name.startswith("llama."):
             assert torch.equal(param, torch.zeros_like(param)), name
         elif name.endswith((".scale", "new_gate")):
             assert torch.equal(param, torch.ones_like(param)), name

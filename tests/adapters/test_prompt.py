@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_adapter.adapters import build_adapter_model
-from lit_adapter.adapters.prompt import GatedPrompt, gated_prompts
+from lit_adapter.adapters.prompt import GatedPrompt, gated_prompts, prompt_attention
 from lit_adapter.inference.generate import generate_tokens
 from tests.adapters.helpers import IDS, MODES, images, randomize, reference_adapter
 from tests.adapters.reference import Adapter, prompt_term, reference_logits
@@ -73,6 +73,29 @@ def test_logits_with_open_gates_equal_the_reference_model(stories260k, mode, flo
     torch.testing.assert_close(plain, base_logits, atol=1e-6, rtol=0)
     assert (logits - plain).abs().max() > 1e-2  # the adapter changes the output
     torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2-early-overlap-newgate", "v2-late", "v1-global"])
+def test_fast_prompt_attention_equals_the_plain_formula(stories260k, mode):
+    """GatedPrompt's fast path (ops.grouped_attention) equals its plain lines (prompt_attention(fast=False))."""
+    with torch.no_grad():
+        base = stories260k.double()(IDS)
+    model = build_adapter_model(stories260k, MODES[mode]).double()
+    randomize(model)
+    visual = visual_tokens(model)
+    prompts = gated_prompts(model).values()
+    with torch.no_grad():
+        fast = model(IDS, visual_tokens=visual)
+        for prompt in prompts:
+            prompt.fast = False
+        plain = model(IDS, visual_tokens=visual)
+    assert (fast - base).abs().max() > 1e-2  # the gates are open
+    torch.testing.assert_close(fast, plain, atol=1e-10, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 5, 8, generator=generator, dtype=torch.float64)
+    keys, values = torch.randn(2, 1, 4, 3, 8, generator=generator, dtype=torch.float64).unbind(0)  # 4 KV heads
+    gate = torch.randn(1, 8, 1, 1, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(prompt_attention(q, keys, values, gate), prompt_attention(q, keys, values, gate, False))
 
 
 def test_grouped_query_attention_prompts_use_the_kv_heads(stories260k):

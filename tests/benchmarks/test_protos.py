@@ -13,12 +13,12 @@ from lit_adapter.model import LLaMA
 
 def test_ours_loss_is_the_mean_of_the_full_logits_loss() -> None:
     from benchmarks.training import mean_cross_entropy, ours_loss
-    from lit_adapter.adapters import AdapterConfig, build_adapter_model
+    from lit_adapter.adapters import AdapterConfig, attach_adapters
 
     torch.manual_seed(0)
     base = LLaMA(ModelConfig.from_name("tiny"))
     base.reset_parameters()
-    model = build_adapter_model(base, AdapterConfig.v1(adapter_layers=1))
+    model = attach_adapters(base, AdapterConfig.v1(adapter_layers=1))
     ids = torch.randint(0, 512, (2, 12))
     labels = ids.clone()
     labels[:, :4] = -100

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lit_adapter.checkpoint import meta_model
 from lit_adapter.config import ModelConfig
 from lit_adapter.inference.generate import generate_tokens
 from lit_adapter.model import LLaMA, RMSNorm
+from lit_adapter.ops import ATTENTION_PATHS
 from tests.core.helpers import random_state_dict
 
 
@@ -124,18 +124,6 @@ def test_apply_rope_rotates_interleaved_pairs() -> None:
     assert apply_rope(x, table[:9]).is_contiguous()
 
 
-def test_silu_mul_values_and_gradients() -> None:
-    from lit_adapter.model import SiluMul, silu_mul
-
-    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(silu_mul(a, b), torch.nn.functional.silu(a) * b)
-    assert torch.autograd.gradcheck(SiluMul.apply, (a, b))
-    assert silu_mul(a, b).grad_fn.name() == "SiluMulBackward"
-    with torch.no_grad():
-        torch.testing.assert_close(silu_mul(a, b), torch.nn.functional.silu(a) * b)
-
-
 def test_hidden_only_returns_the_normed_states_the_classifier_reads() -> None:
     torch.manual_seed(0)
     model = LLaMA(ModelConfig.from_name("tiny"))
@@ -146,24 +134,10 @@ def test_hidden_only_returns_the_normed_states_the_classifier_reads() -> None:
     torch.testing.assert_close(model.output(hidden), model(idx))
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_explicit_attention_equals_sdpa(kv_heads: int) -> None:
-    from lit_adapter.model import explicit_attention
-
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 3, 8, dtype=torch.float64)
-    k, v = torch.randn(2, 2, kv_heads, 5, 8, dtype=torch.float64).unbind(0)
-    mask = torch.rand(2, 1, 3, 5) > 0.4
-    mask[..., 0] = True  # every query sees at least one key
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != 4)
-    torch.testing.assert_close(explicit_attention(q, k, v, mask=mask), expected)
-    weight = torch.randn(1, 4, 1, 1, dtype=torch.float64)
-    unmasked = F.scaled_dot_product_attention(q, k[:1], v[:1], enable_gqa=kv_heads != 4)  # keys broadcast over B
-    torch.testing.assert_close(explicit_attention(q, k[:1], v[:1], weight=weight), weight * unmasked)
-
-
-def test_half_precision_batches_on_cpu_match_float32() -> None:
-    """A bf16 batch with a mask takes the written-out attention path on CPU; it agrees with the float32 model."""
+@pytest.mark.parametrize("path", ["sdpa", "grouped", None], ids=["sdpa", "grouped", "probed"])
+def test_half_precision_batches_on_cpu_match_float32(path) -> None:
+    """A bf16 batch with a mask, through either attention path (or the probe's choice), agrees with the float32
+    model."""
     torch.manual_seed(0)
     model = LLaMA(ModelConfig.from_name("tiny"))
     model.reset_parameters()
@@ -171,8 +145,10 @@ def test_half_precision_batches_on_cpu_match_float32() -> None:
     mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
     mask[1, :, :, 0] = False  # row 1 is left-padded by one token
     mask[1, :, 0, 0] = True
-    expected = model(idx, mask=mask)
-    without_padding = model(idx)
-    low = model.to(torch.bfloat16)(idx, mask=mask).float()
+    with torch.no_grad():
+        expected = model(idx, mask=mask)
+        without_padding = model(idx)
+        with ATTENTION_PATHS.force(path):
+            low = model.to(torch.bfloat16)(idx, mask=mask).float()
     assert (without_padding - expected).abs().max() > 0.05  # the mask matters at this size
     assert (low - expected).abs().max() < 0.01  # bf16 rounding only

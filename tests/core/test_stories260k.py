@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_config, load_model
 from lit_adapter.inference.generate import generate_tokens
 from lit_adapter.tokenizer import Tokenizer
-from tests.core.helpers import run_cli
+from tests.helpers import run_cli
 
 STATS_LINE = re.compile(r"^(\d+) tokens in [\d.]+ s: [\d.]+ tokens/s, peak memory [\d.]+ GB$")
 

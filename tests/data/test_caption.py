@@ -11,7 +11,7 @@ from lit_adapter.adapters.visual import TINY_CLIP_MODEL, image_transform
 from lit_adapter.data.caption import CAPTION_INSTRUCTION, CaptionDataModule
 from lit_adapter.data.encoding import IGNORE_INDEX
 from lit_adapter.prompts import ALPACA
-from tests.data.conftest import write_image
+from tests.helpers import write_image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "white": (255, 255, 255)}
 

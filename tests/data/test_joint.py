@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lit_adapter.adapters.groups import parameter_groups
-from lit_adapter.data.joint import ResumableLoader, Source
+from lit_adapter.data.caption import CaptionDataModule
+from lit_adapter.data.joint import JointDataModule, ResumableLoader, Source
 from lit_adapter.errors import LitAdapterError
 from tests.training import helpers
 
@@ -99,7 +100,7 @@ def test_each_step_updates_exactly_its_own_group(stories260k_dir: Path, instruct
     assert groups["visual"] and groups["language"]
     snapshots = helpers.Snapshots()
     trainer = helpers.trainer(tmp_path, max_steps=4, accumulate_grad_batches=2, callbacks=[snapshots])
-    trainer.fit(lit, datamodule=helpers.joint_data(instructions))
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions))
     assert snapshots.sources == ["instruction", "caption", "instruction", "caption"]
     expected = {"instruction": groups["language"], "caption": groups["visual"]}
     for before, after, source in zip(snapshots.states[:-1], snapshots.states[1:], snapshots.sources, strict=True):
@@ -118,7 +119,7 @@ def test_without_routing_a_caption_step_updates_both_groups(
     groups = parameter_groups(lit.model)
     snapshots = helpers.Snapshots()
     trainer = helpers.trainer(tmp_path, max_steps=1, callbacks=[snapshots])
-    trainer.fit(lit, datamodule=helpers.joint_data(None))  # captions only
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, None))  # captions only
     before, after = snapshots.states
     for name, _ in groups["visual"] + groups["language"]:
         assert not torch.equal(before[name], after[name]), name
@@ -129,7 +130,7 @@ def test_without_routing_a_caption_step_updates_both_groups(
 def test_instructions_only_trains_a_v1_adapter(stories260k_dir: Path, instructions: Path, tmp_path: Path) -> None:
     lit = helpers.module(stories260k_dir, visual=False)
     trainer = helpers.trainer(tmp_path, max_steps=2)
-    trainer.fit(lit, datamodule=helpers.joint_data(instructions, captions=False))
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions, captions=False))
     assert trainer.global_step == 2
     gates = [p for n, p in lit.model.named_parameters() if n.endswith(".gate")]
     assert gates and all(bool(g.abs().sum() > 0) for g in gates)
@@ -140,4 +141,27 @@ def test_caption_data_without_a_visual_encoder_is_refused(
 ) -> None:
     lit = helpers.module(stories260k_dir, visual=False)
     with pytest.raises(LitAdapterError, match="caption data needs a visual encoder"):
-        helpers.trainer(tmp_path).fit(lit, datamodule=helpers.joint_data(instructions))
+        helpers.trainer(tmp_path).fit(lit, datamodule=helpers.joint_data(lit, instructions))
+
+
+def test_the_models_settings_are_handed_over_once(stories260k_dir: Path, instructions: Path) -> None:
+    lit = helpers.module(stories260k_dir)
+    data = helpers.joint_data(lit, instructions)
+    for part in data.parts.values():
+        assert part.tokenizer_path == Path(lit.data_settings.tokenizer_path) and part.style.name == "raw"
+    assert data.parts["caption"].clip_model == helpers.TINY_CLIP_MODEL
+    assert data.carries_images == {"instruction": False, "caption": True}
+    with pytest.raises(LitAdapterError, match=r"data.caption.clip_model is set, but it comes from the model "
+                                              r"\(model.adapter.visual.clip_model\): drop it from the data"):
+        JointDataModule(caption=CaptionDataModule("builtin:demo", clip_model="ViT-B-32"),
+                        model_settings=lit.data_settings)  # fmt: skip
+    with pytest.raises(LitAdapterError, match="data.instruction: CaptionDataModule holds caption data"):
+        JointDataModule(instruction=CaptionDataModule("builtin:demo"))
+
+
+def test_validation_batches_name_their_source(stories260k_dir: Path, instructions: Path) -> None:
+    lit = helpers.module(stories260k_dir)
+    data = helpers.joint_data(lit, instructions)
+    data.setup("fit")
+    sources = [next(iter(loader))["source"] for loader in data.val_dataloader()]
+    assert sources == ["instruction", "caption"]

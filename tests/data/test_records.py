@@ -11,7 +11,7 @@ from lit_adapter.data.caption import CaptionDataModule
 from lit_adapter.data.instruction import InstructionDataModule
 from lit_adapter.data.scienceqa import ScienceQADataModule, load_problems
 from lit_adapter.errors import LitAdapterError
-from tests.data.conftest import write_image
+from tests.helpers import write_image
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
 

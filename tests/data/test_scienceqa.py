@@ -18,7 +18,7 @@ from lit_adapter.data.scienceqa import (
 )
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.prompts import ALPACA
-from tests.data.conftest import write_image
+from tests.helpers import write_image
 
 
 @pytest.fixture(scope="module")

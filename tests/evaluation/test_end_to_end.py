@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import lit_adapter.evaluation.run
-from lit_adapter.adapters import AdapterConfig, VisualConfig, build_adapter_model, load_adapter_model
-from lit_adapter.adapters.io import save_adapter
+from lit_adapter.adapters import AdapterConfig, VisualConfig, build_adapter_model, load_adapter_model, save_adapter
 from lit_adapter.checkpoint import load_model, tokenizer_path
 from lit_adapter.cli import main
 from lit_adapter.data.encoding import encode_segments
@@ -39,7 +38,7 @@ def nonzero_gates(model) -> None:
 @pytest.fixture(scope="module")
 def adapter_dir(stories260k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = build_adapter_model(load_model(stories260k_dir), AdapterConfig.v1(adapter_len=4, adapter_layers=3))
+    model = build_adapter_model(stories260k_dir, AdapterConfig.v1(adapter_len=4, adapter_layers=3))
     model.reset_adapter_parameters()
     nonzero_gates(model)
     return save_adapter(model, tmp_path_factory.mktemp("adapter"))
@@ -102,7 +101,7 @@ def test_likelihood_mode_matches_one_by_one_scoring(
     records = read_predictions(out)
     problems = load_problems(sample, "test")[:4]
     assert [r["pid"] for r in records] == [p.pid for p in problems]
-    model, _ = load_adapter_model(stories260k_dir, adapter_dir)
+    model = load_adapter_model(stories260k_dir, adapter_dir)
     tokenizer = Tokenizer(tokenizer_path(stories260k_dir))
     compared = 0
     for record, problem in zip(records, problems, strict=True):
@@ -129,7 +128,7 @@ def test_generate_mode_matches_sequential_greedy_decoding(
     assert table[0].split() == list(COLUMNS) and table[2].split()[1] == "3"
 
     records = read_predictions(out)
-    model, _ = load_adapter_model(stories260k_dir, adapter_dir)
+    model = load_adapter_model(stories260k_dir, adapter_dir)
     tokenizer = Tokenizer(tokenizer_path(stories260k_dir))
     context = model.config.max_seq_len
     for record, problem in zip(records, load_problems(sample, "test")[:3], strict=True):
@@ -227,7 +226,7 @@ def test_visual_adapter_sees_the_images(stories260k_dir: Path, sample: Path, tmp
     torch.manual_seed(0)
     visual = VisualConfig(clip_model="lit-adapter-tiny-vit", clip_pretrained=None, visual_len=4, n_blocks=1,
                           block_heads=2)
-    model = build_adapter_model(load_model(stories260k_dir),
+    model = build_adapter_model(stories260k_dir,
                                 AdapterConfig.v2(adapter_len=4, visual=visual, bias_mode="none", train_norms=False))
     model.reset_adapter_parameters()
     nonzero_gates(model)
@@ -249,9 +248,9 @@ def test_visual_adapter_sees_the_images(stories260k_dir: Path, sample: Path, tmp
     run_eval(*common, "--output", str(tmp_path / "without"))
     assert "no --images were given" in capsys.readouterr().err
 
-    loaded, config = load_adapter_model(stories260k_dir, adapter)
+    loaded = load_adapter_model(stories260k_dir, adapter)
     tokenizer = Tokenizer(tokenizer_path(stories260k_dir))
-    transform = config.visual.transform(train=False)
+    transform = loaded.adapter_config.visual.transform(train=False)
     with_images, without = read_predictions(tmp_path / "with"), read_predictions(tmp_path / "without")
     for problem, seen, blind in zip(problems, with_images, without, strict=True):
         if seen["truncated"]:

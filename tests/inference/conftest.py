@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from lit_adapter.adapters import AdapterConfig, AdapterModel, build_adapter_model
+from lit_adapter.adapters import AdapterConfig, AdapterModel, attach_adapters
 from lit_adapter.adapters.visual import TINY_CLIP_MODEL, VisualConfig
 from lit_adapter.checkpoint import tokenizer_path
 from lit_adapter.inference.engine import Engine
@@ -38,13 +37,13 @@ def open_gates(model: AdapterModel, seed: int = 0) -> AdapterModel:
 
 def text_adapter(base: LLaMA, **overrides) -> AdapterModel:
     config = AdapterConfig.v2(adapter_len=5, adapter_layers=4, **overrides)
-    return open_gates(build_adapter_model(base, config).eval())
+    return open_gates(attach_adapters(base, config).eval())
 
 
 def visual_adapter(base: LLaMA) -> AdapterModel:
     torch.manual_seed(0)
     config = AdapterConfig.v2(adapter_len=5, adapter_layers=4, visual=VisualConfig(**TINY_VISUAL))
-    return open_gates(build_adapter_model(base, config).eval())
+    return open_gates(attach_adapters(base, config).eval())
 
 
 def engine_for(checkpoint_dir: Path, model, style: str = "alpaca") -> Engine:
@@ -55,24 +54,11 @@ def engine_for(checkpoint_dir: Path, model, style: str = "alpaca") -> Engine:
     return Engine(model, tokenizer, get_prompt_style(style))
 
 
-def write_image(path: Path, color: tuple[int, int, int], size: int = 40) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (size, size), color)
-    for x in range(0, size, 4):  # some structure, so two images differ beyond their mean colour
-        image.putpixel((x, x), (255 - color[0], 255 - color[1], 255 - color[2]))
-    image.save(path)
-    return path
-
-
 @pytest.fixture
 def tokenizer(stories260k_dir: Path) -> Tokenizer:
     return Tokenizer(tokenizer_path(stories260k_dir))
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """stories260K's matrices are tiny: one thread decodes fastest, and does not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Generation tests run torch on one thread (see `one_torch_thread`)."""

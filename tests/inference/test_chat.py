@@ -16,7 +16,8 @@ from lit_adapter.inference.chat import ChatSession, run_chat
 from lit_adapter.inference.engine import Decoding
 from lit_adapter.inference.experts import CaptionFileExpert
 from lit_adapter.prompts import get_prompt_style
-from tests.inference.conftest import engine_for, write_image
+from tests.helpers import write_image
+from tests.inference.conftest import engine_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = get_prompt_style("chat")

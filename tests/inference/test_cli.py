@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter.adapters.io import merge, save_adapter
+from lit_adapter.adapters import save_adapter
+from lit_adapter.adapters.merge import merge, merge_linears
 from lit_adapter.checkpoint import load_model
 from lit_adapter.cli import main
 from lit_adapter.inference import engine as engine_module
 from lit_adapter.inference.cli import normalize_argv
-from lit_adapter.inference.engine import merge_for_inference
 from lit_adapter.inference.generate import generate_tokens
 from lit_adapter.prompts import get_prompt_style
-from tests.inference.conftest import text_adapter, visual_adapter, write_image
+from tests.helpers import write_image
+from tests.inference.conftest import text_adapter, visual_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,17 +122,17 @@ def test_adapter_prompt_style_decoding_defaults_and_merging(
     assert raw["prompt_tokens"] == len(load_tokenizer_ids(stories260k_dir, "Tell me a story"))
 
 
-def test_merge_for_inference_keeps_the_logits(stories260k_dir, tokenizer):
+def test_merge_linears_keeps_the_logits(stories260k_dir, tokenizer):
     model = text_adapter(load_model(stories260k_dir), lora_rank=2)
     ids = torch.tensor([tokenizer.encode("Once upon a time there was")])
     with torch.no_grad():
         before = model.llama(ids)
-        assert merge_for_inference(model) == 5 * 7
+        assert merge_linears(model) == 5 * 7
         after = model.llama(ids)
     assert not any("lora" in name or name.endswith(".scale") for name, _ in model.named_parameters())
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     bypass = text_adapter(load_model(stories260k_dir), lora_rank=2, prompt_kv_lora=False)
-    assert merge_for_inference(bypass) == 5 * 5  # wk/wv keep their LoRA apart from the prompts' projections
+    assert merge_linears(bypass) == 5 * 5  # wk/wv keep their LoRA apart from the prompts' projections
 
 
 def test_batch_file_equals_one_by_one(stories260k_dir, adapter_dir, tmp_path, capsys):
@@ -241,8 +242,7 @@ def test_official_v1_file(stories260k_dir, tmp_path, capsys):
     record = run_json(["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(official), "--prompt",
                        "Tell me a story", "--temperature", "0", "--max_new_tokens", "20"], capsys)
 
-    reference = build_adapter_model(load_model(stories260k_dir), AdapterConfig.v1(adapter_layers=3,
-                                                                                  gate_activation="identity"))
+    reference = build_adapter_model(stories260k_dir, AdapterConfig.v1(adapter_layers=3, gate_activation="identity"))
     with torch.no_grad():
         for j, layer in enumerate(range(2, 5)):  # block j of adapter_query is the prompt of layer N-L+j
             reference.llama.layers[layer].attention.adaption_prompt.prompt.copy_(query[10 * j : 10 * (j + 1)])

@@ -14,7 +14,8 @@ from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.engine import Decoding, build_prompt
 from lit_adapter.inference.experts import CAPTION_INSTRUCTION, CaptionFileExpert, load_expert
 from lit_adapter.prompts import get_prompt_style
-from tests.inference.conftest import engine_for, visual_adapter, write_image
+from tests.helpers import write_image
+from tests.inference.conftest import engine_for, visual_adapter
 
 ALPACA = get_prompt_style("alpaca")
 
@@ -41,7 +42,7 @@ def test_caption_file_flat_map_by_name_or_stem_and_bad_files(tmp_path):
     assert expert(tmp_path / "dog.jpg") == "A dog." and expert(tmp_path / "x" / "cat.png") == "A cat."
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(LitAdapterError, match="broken.json: not valid JSON"):
+    with pytest.raises(LitAdapterError, match=r"broken.json: invalid JSON in caption file \(Expecting"):
         CaptionFileExpert(broken)
     with pytest.raises(LitAdapterError, match="missing.json: caption file not found"):
         load_expert(f"caption_file:{tmp_path / 'missing.json'}")

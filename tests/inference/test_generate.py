@@ -9,7 +9,8 @@ from lit_adapter.adapters.prompt import GatedPrompt
 from lit_adapter.checkpoint import load_model
 from lit_adapter.inference.generate import generate_batch, generate_tokens, padded_mask, row_positions
 from lit_adapter.inference.stream import StopFilter, cut_at_stop
-from tests.inference.conftest import text_adapter, visual_adapter, write_image
+from tests.helpers import write_image
+from tests.inference.conftest import text_adapter, visual_adapter
 
 PROMPTS = ["Once upon a time", "Lily had a big red ball and she", "The", "Tom and his dog went to the park. They"]
 
@@ -127,48 +128,3 @@ def test_stop_filter_holds_back_a_possible_stop_and_cuts_it():
     assert tail.push("a #") == "a " and tail.flush() == "#" and tail.text == "a #"
     assert cut_at_stop("one END two", ["###", "END"]) == ("one ", True)
     assert cut_at_stop("one", ["END"]) == ("one", False)
-
-
-def test_column_major_weights_keep_values_and_tokens(stories260k_dir, tokenizer):
-    from lit_adapter.inference.engine import column_major_weights
-
-    model = load_model(stories260k_dir)
-    prompt = torch.tensor(tokenizer.encode("Once upon a time", bos=True))
-    with torch.inference_mode():
-        logits = model(prompt[None])
-    expected = list(generate_tokens(model, prompt, 40))
-    column_major_weights(model)
-    wq = model.layers[0].attention.wq.weight
-    assert wq.stride() == (1, wq.shape[0]) and model.output.weight.stride() == (1, model.output.weight.shape[0])
-    assert model.output.weight is model.tok_embeddings.weight  # still tied
-    with torch.inference_mode():
-        torch.testing.assert_close(model(prompt[None]), logits, rtol=1e-5, atol=1e-5)
-    assert list(generate_tokens(model, prompt, 40)) == expected
-    half = load_model(stories260k_dir, dtype=torch.bfloat16)
-    column_major_weights(half)
-    assert half.layers[0].attention.wq.weight.is_contiguous()  # bf16 kernels gain nothing: left as it is
-
-
-def test_one_row_kernels_only_for_a_single_cpu_token(stories260k_dir):
-    from lit_adapter.inference.generate import one_row_kernels
-
-    assert torch.backends.mkldnn.enabled
-    with one_row_kernels(torch.tensor([[5]])):
-        assert not torch.backends.mkldnn.enabled
-    assert torch.backends.mkldnn.enabled
-    with one_row_kernels(torch.tensor([[5, 6]])):
-        assert torch.backends.mkldnn.enabled
-    try:
-        with one_row_kernels(torch.tensor([[5]])):
-            raise KeyError("interrupted")
-    except KeyError:
-        pass
-    assert torch.backends.mkldnn.enabled
-    # the kernels differ, the numbers agree to bf16 rounding
-    model = load_model(stories260k_dir, dtype=torch.bfloat16)
-    token = torch.tensor([[42]])
-    with torch.inference_mode():
-        expected = model(token).float()
-        with one_row_kernels(token):
-            native = model(token).float()
-    torch.testing.assert_close(native, expected, rtol=0.02, atol=0.05)

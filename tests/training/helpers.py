@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,25 +14,30 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 
 from lit_adapter.adapters import AdapterConfig
-from lit_adapter.adapters.visual import TINY_CLIP_MODEL, VisualConfig
+from lit_adapter.adapters.visual import TINY_CLIP_MODEL
 from lit_adapter.data.caption import CaptionDataModule
 from lit_adapter.data.instruction import InstructionDataModule
 from lit_adapter.data.joint import JointDataModule
 from lit_adapter.training.module import LitAdapterModule
+from lit_adapter.training.precision import trainer_precision
+from tests.helpers import run_cli as run_command
+from tests.helpers import tiny_visual
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["cat", "dog", "sun", "tree", "ball", "cake", "bird", "fish", "frog", "star", "moon", "boat"]
 
 
-def tiny_visual(clip_weights: Optional[Path] = None) -> VisualConfig:
-    """The tiny open_clip tower: random weights, or those of `clip_weights` (the same in every process)."""
-    weights = str(clip_weights) if clip_weights is not None else None
-    return VisualConfig(clip_model=TINY_CLIP_MODEL, clip_pretrained=weights, visual_len=3, n_blocks=1, block_heads=2)
-
-
 def tiny_adapter(visual: bool = True, clip_weights: Optional[Path] = None) -> AdapterConfig:
-    """V2 (paper bias/scale, norms) with early-fused visual prompts on stories260K."""
-    return AdapterConfig.v2(adapter_len=4, visual=tiny_visual(clip_weights) if visual else None)
+    """V2 (paper bias/scale, norms) with early-fused visual prompts on stories260K; the raw prompt style keeps the
+    tiny records short."""
+    return AdapterConfig.v2(adapter_len=4, visual=tiny_visual(clip_weights) if visual else None, prompt_style="raw")
+
+
+def adapter_model(checkpoint_dir: Path, config: AdapterConfig) -> torch.nn.Module:
+    """The base model of `checkpoint_dir` with `config`'s adapters (float32, on CPU), built as training builds it."""
+    from lit_adapter.adapters import build_adapter_model
+
+    return build_adapter_model(checkpoint_dir, config)
 
 
 def write_tiny_clip_weights(path: Path, seed: int = 0) -> Path:
@@ -55,19 +59,21 @@ def write_instructions(path: Path, count: int = 24) -> Path:
 
 
 def instruction_data(path: Path, batch_size: int = 4, val_split: int = 4) -> InstructionDataModule:
-    return InstructionDataModule(str(path), prompt_style="raw", max_seq_length=32, batch_size=batch_size,
-                                 val_split=val_split)
+    return InstructionDataModule(str(path), max_seq_length=32, batch_size=batch_size, val_split=val_split)
 
 
 def caption_data(batch_size: int = 4) -> CaptionDataModule:
-    return CaptionDataModule("builtin:demo", clip_model=TINY_CLIP_MODEL, prompt_style="raw", max_seq_length=48,
-                             batch_size=batch_size)
+    return CaptionDataModule("builtin:demo", max_seq_length=48, batch_size=batch_size)
 
 
-def joint_data(instructions: Optional[Path], captions: bool = True, batch_size: int = 4, **kw: Any) -> JointDataModule:
+def joint_data(
+    lit: LitAdapterModule, instructions: Optional[Path], captions: bool = True, batch_size: int = 4, **kw: Any
+) -> JointDataModule:
+    """The tiny joint data, with the settings of the model `lit` trains (as `lit-adapter fit` links them)."""
     return JointDataModule(
         instruction=instruction_data(instructions, batch_size) if instructions is not None else None,
         caption=caption_data(batch_size) if captions else None,
+        model_settings=lit.data_settings,
         **kw,
     )
 
@@ -78,13 +84,18 @@ def module(checkpoint_dir: Path, visual: bool = True, **kw: Any) -> LitAdapterMo
 
 
 def trainer(root: Path, **kw: Any) -> Trainer:
-    """A quiet single-process CPU trainer: no logger, no progress bar, no validation, no checkpoints by default."""
+    """A quiet single-process CPU trainer: no logger, no progress bar, no validation, no checkpoints by default; a
+    half "-true" precision becomes the AdapterPrecision plugin (as `lit-adapter fit` makes it)."""
     settings = dict(
         accelerator="cpu", devices=1, precision="32-true", max_steps=2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=str(root),
     )  # fmt: skip
-    return Trainer(**{**settings, **kw})
+    settings = {**settings, **kw}
+    precision = trainer_precision(settings["precision"])
+    settings["precision"] = precision["precision"]
+    settings["plugins"] = [*settings.get("plugins", []), *precision["plugins"]]
+    return Trainer(**settings)
 
 
 def set_gates(model: torch.nn.Module, value: float) -> None:
@@ -156,19 +167,17 @@ def fit_config(
         },
         "model": {
             "checkpoint_dir": str(checkpoint_dir),
-            "adapter": AdapterConfig.v2(adapter_len=4, visual=visual).to_dict(),
+            "adapter": AdapterConfig.v2(adapter_len=4, visual=visual, prompt_style="raw").to_dict(),
             "learning_rate": 0.01, "weight_decay": 0.1, "warmup_steps": 2,
         },
         "data": {
             "instruction": {
                 "class_path": "lit_adapter.data.instruction.InstructionDataModule",
-                "init_args": {"data_path": str(instructions), "prompt_style": "raw", "max_seq_length": 32,
-                              "batch_size": 4, "val_split": 4},
+                "init_args": {"data_path": str(instructions), "max_seq_length": 32, "batch_size": 4, "val_split": 4},
             },
             "caption": {
                 "class_path": "lit_adapter.data.caption.CaptionDataModule",
-                "init_args": {"data_path": "builtin:demo", "clip_model": TINY_CLIP_MODEL, "prompt_style": "raw",
-                              "max_seq_length": 48, "batch_size": 4},
+                "init_args": {"data_path": "builtin:demo", "max_seq_length": 48, "batch_size": 4},
             },
         },
     }  # fmt: skip
@@ -181,8 +190,4 @@ def write_config(path: Path, config: dict) -> Path:
 
 def run_cli(args: list[str], env: Optional[dict[str, str]] = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m lit_adapter.cli ARGS` from the repository root (one thread per process: the machine is small)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "lit_adapter.cli", *args], cwd=REPO, env=environment, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    return run_command(*args, env=env, timeout=timeout)

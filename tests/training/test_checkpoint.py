@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.training.callbacks import default_callbacks
 from lit_adapter.training.checkpoint_io import AtomicCheckpointIO
 from tests.training import helpers
 
@@ -21,7 +22,7 @@ def test_checkpoints_hold_only_the_trainable_state_and_restore_it(
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
     trainer = helpers.trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[saver],
                               plugins=[AtomicCheckpointIO()])
-    trainer.fit(lit, datamodule=helpers.joint_data(instructions))
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions))
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     trained = helpers.trainable_state(lit.model)
     assert set(checkpoint["state_dict"]) == {"model." + name for name in trained}
@@ -78,10 +79,10 @@ def test_a_nan_loss_stops_training_with_one_line_and_keeps_the_last_good_checkpo
 ) -> None:
     lit = helpers.module(stories260k_dir, visual=False)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
-    trainer = helpers.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver, PoisonAtStep(3)],
-                              plugins=[AtomicCheckpointIO()])
+    trainer = helpers.trainer(tmp_path, max_steps=6, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
+                              callbacks=[saver, PoisonAtStep(3), *default_callbacks()])
     with pytest.raises(LitAdapterError) as error:
-        trainer.fit(lit, datamodule=helpers.joint_data(instructions, captions=False))
+        trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions, captions=False))
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("step 3: the training loss is nan")

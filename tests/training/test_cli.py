@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import csv
+import json
 import runpy
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from lit_adapter.adapters import AdapterConfig
+from lit_adapter.checkpoint import load_yaml
 from lit_adapter.cli import main
+from lit_adapter.inference.engine import Engine
+from lit_adapter.prompts import ALPACA, CHAT
 from lit_adapter.training.cli import AdapterCLI, fit_main, validate_main
-from tests.training.helpers import REPO
+from tests.training.helpers import REPO, WORDS, write_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -100,3 +106,73 @@ def test_finetune_recipes_run_the_cli_with_their_config(
     written = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["default_root_dir"] == written["trainer"]["default_root_dir"]
+
+
+def conversations(path: Path, count: int = 12) -> Path:
+    """Short two-turn ShareGPT-style conversations (written in the chat template)."""
+    records = [
+        {"conversations": [
+            {"from": "human", "value": f"Who is {name}?"}, {"from": "gpt", "value": f"{name} is a {kind}."},
+            {"from": "human", "value": "What does it like?"}, {"from": "gpt", "value": f"It likes the {thing}."},
+        ]}
+        for name, kind, thing in zip(["Tim", "Sue", "Ben", "Mia"] * 3, ["boy", "girl"] * 6, WORDS, strict=False)
+    ][:count]  # fmt: skip
+    path.write_text(json.dumps(records))
+    return path
+
+
+def chat_fit_config(root: Path, checkpoint_dir: Path, data: Path, prompt_style: Optional[str]) -> dict:
+    adapter = AdapterConfig.v1(adapter_len=4, adapter_layers=2).to_dict()
+    if prompt_style is not None:
+        adapter["prompt_style"] = prompt_style
+    else:
+        del adapter["prompt_style"]  # the default, alpaca
+    return {
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 2,
+                    "default_root_dir": str(root), "enable_progress_bar": False, "num_sanity_val_steps": 0,
+                    "limit_val_batches": 0, "logger": False},
+        "model": {"checkpoint_dir": str(checkpoint_dir), "adapter": adapter, "warmup_steps": 0},
+        "data": {"instruction": {"class_path": "lit_adapter.data.instruction.InstructionDataModule",
+                                 "init_args": {"data_path": str(data), "max_seq_length": 256, "batch_size": 4,
+                                               "val_split": 0}}},
+    }  # fmt: skip
+
+
+def test_fit_on_chat_data_writes_the_chat_style_and_generate_uses_it(
+    stories260k_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The prompt style is set once (model.adapter.prompt_style), handed to the data, written into
+    adapter_config.yaml, and `lit-adapter generate` formats its prompt with it."""
+    root, data = tmp_path / "run", conversations(tmp_path / "chats.json")
+    config = write_config(tmp_path / "chat.yaml", chat_fit_config(root, stories260k_dir, data, "chat"))
+    fit_main(["--config", str(config)])
+    assert load_yaml(root / "adapter_config.yaml")["prompt_style"] == "chat"
+    capsys.readouterr()
+
+    prompt = "Who is Tim?"
+    main(["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(root), "--prompt", prompt,
+          "--max_new_tokens", "2", "--json", "--device", "cpu", "--precision", "32-true"])  # fmt: skip
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    engine = Engine.load(stories260k_dir, root, device="cpu", precision="32-true")
+    assert engine.style.name == "chat"
+    chat_ids, alpaca_ids = engine.encode(CHAT.apply(prompt)), engine.encode(ALPACA.apply(prompt))
+    assert record["prompt_tokens"] == chat_ids.numel() != alpaca_ids.numel()
+
+
+def test_chat_data_under_another_style_and_a_second_style_setting_are_refused(
+    stories260k_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = conversations(tmp_path / "chats.json")
+    config = write_config(tmp_path / "alpaca.yaml", chat_fit_config(tmp_path / "a", stories260k_dir, data, None))
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config)])
+    assert done.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "record 0: a conversation takes the chat style, but the prompt style is 'alpaca'" in error
+    assert "model.adapter.prompt_style: chat" in error and not (tmp_path / "a" / "adapter_config.yaml").exists()
+
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--data.instruction.init_args.prompt_style", "chat"])
+    assert done.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.instruction.prompt_style is set, but it comes from the model (model.adapter.prompt_style)" in error

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter.adapters import build_adapter_model
-from lit_adapter.adapters.io import save_adapter
-from lit_adapter.checkpoint import load_model, load_yaml
+from lit_adapter.adapters import save_adapter
+from lit_adapter.checkpoint import load_yaml
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.training.module import check_ddp_settings
+from lit_adapter.training.cli import check_ddp_settings
 from tests.training import helpers
 
 STEPS = 4
@@ -30,7 +28,7 @@ def clip_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def init_adapter(stories260k_dir: Path, clip_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A starting adapter with every gate open and random biases, so both runs start from the same values."""
-    model = build_adapter_model(load_model(stories260k_dir), helpers.tiny_adapter(clip_weights=clip_weights))
+    model = helpers.adapter_model(stories260k_dir, helpers.tiny_adapter(clip_weights=clip_weights))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.adapter_parameters().values():
@@ -115,11 +113,8 @@ def train_losses(root: Path) -> list[float]:
 def test_plain_ddp_with_joint_data_is_refused_with_the_setting_to_use() -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
-    def fake(strategy: DDPStrategy, parts: dict) -> SimpleNamespace:
-        trainer = SimpleNamespace(strategy=strategy, datamodule=SimpleNamespace(parts=parts))
-        return SimpleNamespace(trainer=trainer, model=SimpleNamespace(visual=object()))
-
+    joint = {"instruction": False, "caption": True}  # what JointDataModule.carries_images declares
     with pytest.raises(LitAdapterError, match="set trainer.strategy: ddp_find_unused_parameters_true"):
-        check_ddp_settings(fake(DDPStrategy(), {"instruction": None, "caption": None}))
-    check_ddp_settings(fake(DDPStrategy(find_unused_parameters=True), {"instruction": None, "caption": None}))
-    check_ddp_settings(fake(DDPStrategy(), {"caption": None}))  # captions only: every parameter is used
+        check_ddp_settings(DDPStrategy(), True, joint)
+    check_ddp_settings(DDPStrategy(find_unused_parameters=True), True, joint)
+    check_ddp_settings(DDPStrategy(), True, {"caption": True})  # captions only: every parameter is used

@@ -17,7 +17,7 @@ def test_bf16_true_keeps_trainable_parameters_and_optimizer_state_in_float32(
 ) -> None:
     lit = helpers.module(stories260k_dir)
     trainer = helpers.trainer(tmp_path, precision="bf16-true", max_steps=2)
-    trainer.fit(lit, datamodule=helpers.joint_data(instructions))
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions))
     trainable = {n: p for n, p in lit.model.named_parameters() if p.requires_grad}
     frozen = {n: p for n, p in lit.model.named_parameters() if not p.requires_grad}
     assert trainable and frozen

@@ -47,7 +47,7 @@ def test_peak_is_reached_at_the_end_of_warmup_with_gradient_accumulation(
     lit = helpers.module(stories260k_dir, visual=False, learning_rate=peak, warmup_steps=3)
     lrs = LearningRates()
     trainer = helpers.trainer(tmp_path, max_steps=5, accumulate_grad_batches=3, callbacks=[lrs])
-    trainer.fit(lit, datamodule=helpers.joint_data(instructions, captions=False, batch_size=2))
+    trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions, captions=False, batch_size=2))
     assert trainer.global_step == 5
     # one lr per optimizer step (not per micro-batch): 1/3, 2/3, 1, then the cosine over the 2 remaining updates
     assert lrs.lrs[2] == peak

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,11 +15,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from safetensors.torch import load_file
 
-from lit_adapter.adapters import AdapterConfig, VisualConfig, build_adapter_model, load_adapter_model
-from lit_adapter.adapters.io import save_adapter
+from lit_adapter.adapters import AdapterConfig, VisualConfig, load_adapter_model, save_adapter
 from lit_adapter.adapters.visual import TINY_CLIP_MODEL, image_transform
-from lit_adapter.checkpoint import load_model, load_yaml, tokenizer_path
+from lit_adapter.checkpoint import load_yaml, tokenizer_path
 from lit_adapter.cli import main
+from lit_adapter.data.batch import IGNORE_INDEX
 from lit_adapter.data.encoding import encode_segments
 from lit_adapter.data.joint import JointDataModule
 from lit_adapter.data.scienceqa import ScienceQADataModule, image_path, load_problems, training_segments
@@ -28,9 +27,8 @@ from lit_adapter.errors import LitAdapterError
 from lit_adapter.evaluation.scienceqa import CATEGORIES
 from lit_adapter.prompts import get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training.cli import AdapterCLI, fit_main
-from lit_adapter.training.loss import IGNORE_INDEX
-from lit_adapter.training.module import LitAdapterModule, check_ddp_settings, check_routing
+from lit_adapter.training.cli import AdapterCLI, check_ddp_settings, check_routing, fit_main
+from lit_adapter.training.module import LitAdapterModule
 from tests.training import helpers
 
 CONFIGS = helpers.REPO / "configs"
@@ -81,13 +79,6 @@ def tiny_recipe_adapter(clip_weights: Path) -> AdapterConfig:
     return AdapterConfig.from_dict({**config, "visual": {**config["visual"], "clip_pretrained": str(clip_weights)}})
 
 
-def open_gates(model: torch.nn.Module, value: float = 0.5) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate"):
-                param.fill_(value)
-
-
 # ---- (a) the configs ----
 
 
@@ -113,7 +104,7 @@ def test_the_recipe_config_is_the_v1_multimodal_setup(capsys: pytest.CaptureFixt
     assert (adapter.adapter_len, adapter.adapter_layers, adapter.gate_activation, adapter.fusion) == (
         10, 30, "tanh", "late")  # fmt: skip
     assert adapter.visual == VisualConfig(clip_model="ViT-L-14", clip_pretrained="openai", mode="global")
-    assert adapter.visual_tokens == 1 and sqa["clip_model"] == adapter.visual.clip_model
+    assert adapter.visual_tokens == 1 and sqa["clip_model"] is None  # the image transform is the model's (linked)
 
 
 def test_the_recipe_config_instantiates_with_tiny_overrides(sample: Path, image_dir: Path, tmp_path: Path) -> None:
@@ -123,10 +114,13 @@ def test_the_recipe_config_instantiates_with_tiny_overrides(sample: Path, image_
         "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path),
         "--model.checkpoint_dir", "stories260K", "--model.adapter.adapter_layers", "4",
         "--model.adapter.visual.clip_model", TINY_CLIP_MODEL, "--model.adapter.visual.clip_pretrained", "null",
-        f"{DATA}data_dir", str(sample), f"{DATA}image_dir", str(image_dir), f"{DATA}clip_model", TINY_CLIP_MODEL,
+        f"{DATA}data_dir", str(sample), f"{DATA}image_dir", str(image_dir),
         f"{DATA}val_split", "val", f"{DATA}num_workers", "0",
     ], run=False)  # fmt: skip
-    assert isinstance(cli.datamodule.parts["instruction"], ScienceQADataModule)
+    data = cli.datamodule.parts["instruction"]
+    assert isinstance(data, ScienceQADataModule)
+    assert (data.clip_model, data.style.name) == (TINY_CLIP_MODEL, "alpaca")  # handed over from the model
+    assert data.carries_images and cli.datamodule.carries_images == {"instruction": True}
     assert cli.model.adapter_config.visual.mode == "global" and cli.model.hparams.route_groups is False
     assert cli.model.hparams.learning_rate == pytest.approx(1.125e-3)
 
@@ -137,7 +131,7 @@ def test_tiny_config_parses(capsys: pytest.CaptureFixture) -> None:
     assert config["trainer"]["accelerator"] == "cpu" and config["model"]["route_groups"] is False
     visual = config["model"]["adapter"]["visual"]
     assert (visual["clip_model"], visual["clip_pretrained"], visual["mode"]) == (TINY_CLIP_MODEL, None, "global")
-    assert config["data"]["instruction"]["init_args"]["clip_model"] == TINY_CLIP_MODEL
+    assert config["data"]["instruction"]["init_args"]["clip_model"] is None  # set once, on the model's visual
 
 
 # ---- (b) the tiny recipe end to end ----
@@ -203,7 +197,7 @@ def test_tiny_recipe_trains_exports_and_evaluates(
 
     # evaluation answers problems without an image exactly as training sees them (no visual contribution), and
     # those with one through the same tower and adapter
-    model, config = load_adapter_model(base, root)
+    model = load_adapter_model(base, root)
     tokenizer, transform = Tokenizer(tokenizer_path(base)), image_transform(TINY_CLIP_MODEL, train=False)
     blank = torch.zeros(3, 32, 32)
     compared = {True: 0, False: 0}
@@ -230,8 +224,8 @@ def test_rows_without_an_image_get_no_visual_contribution(stories260k_dir: Path,
                                   visual=VisualConfig(clip_model=TINY_CLIP_MODEL, clip_pretrained=None, mode="global"))
     else:
         config = AdapterConfig.v2(adapter_len=4, visual=helpers.tiny_visual())
-    model = build_adapter_model(load_model(stories260k_dir), config).eval()
-    open_gates(model)
+    model = helpers.adapter_model(stories260k_dir, config).eval()
+    helpers.set_gates(model, 0.5)
     with torch.no_grad():
         for name, param in model.adapter_parameters().items():
             if name.endswith(".bias"):
@@ -284,13 +278,13 @@ def test_training_and_validation_steps_mask_problems_without_an_image(
     stories260k_dir: Path, sample: Path, image_dir: Path, clip_weights: Path, tmp_path: Path
 ) -> None:
     config = tiny_recipe_adapter(clip_weights)
-    start = build_adapter_model(load_model(stories260k_dir), config)
-    open_gates(start)
+    start = helpers.adapter_model(stories260k_dir, config)
+    helpers.set_gates(start, 0.5)
     init = save_adapter(start, tmp_path / "init")
     module = LitAdapterModule(str(stories260k_dir), config, learning_rate=0.0, warmup_steps=0, route_groups=False,
                               init_adapter=str(init))  # fmt: skip
-    data = JointDataModule(instruction=ScienceQADataModule(sample, image_dir=image_dir, clip_model=TINY_CLIP_MODEL,
-                                                           max_seq_length=512, batch_size=4))  # fmt: skip
+    data = JointDataModule(instruction=ScienceQADataModule(sample, image_dir=image_dir, max_seq_length=512,
+                                                           batch_size=4), model_settings=module.data_settings)
     losses = LossesWithBatches()
     trainer = helpers.trainer(tmp_path, max_steps=2, limit_val_batches=2, val_check_interval=2, callbacks=[losses])
     trainer.fit(module, data)
@@ -306,17 +300,14 @@ def test_training_and_validation_steps_mask_problems_without_an_image(
     assert val_loss == pytest.approx(reference_loss(model, val_batches), rel=1e-5)
 
 
-def test_images_in_the_instruction_slot_need_route_groups_off_and_not_unused_parameters() -> None:
-    def fake(strategy, part, route_groups: bool = False) -> SimpleNamespace:
-        trainer = SimpleNamespace(strategy=strategy, datamodule=SimpleNamespace(parts={"instruction": part}))
-        return SimpleNamespace(trainer=trainer, model=SimpleNamespace(visual=object()),
-                               hparams=SimpleNamespace(route_groups=route_groups))  # fmt: skip
-
-    with_images, text_only = SimpleNamespace(image_dir=Path("images")), SimpleNamespace(image_dir=None)
-    check_ddp_settings(fake(DDPStrategy(), with_images))  # every batch uses the visual adapter: plain DDP is fine
+def test_images_in_the_instruction_slot_need_route_groups_off_and_not_unused_parameters(sample: Path) -> None:
+    with_images, text_only = ScienceQADataModule(sample, image_dir=Path("images")), ScienceQADataModule(sample)
+    assert with_images.carries_images and not text_only.carries_images  # what the data declares
+    with_images, text_only = {"instruction": True}, {"instruction": False}
+    check_ddp_settings(DDPStrategy(), True, with_images)  # every batch uses the visual adapter: plain DDP is fine
     with pytest.raises(LitAdapterError, match="ddp_find_unused_parameters_true"):
-        check_ddp_settings(fake(DDPStrategy(), text_only))
-    check_routing(fake(DDPStrategy(), with_images))
-    check_routing(fake(DDPStrategy(), text_only, route_groups=True))
+        check_ddp_settings(DDPStrategy(), True, text_only)
+    check_routing(False, True, with_images)
+    check_routing(True, True, text_only)
     with pytest.raises(LitAdapterError, match="set model.route_groups: false"):
-        check_routing(fake(DDPStrategy(), with_images, route_groups=True))
+        check_routing(True, True, with_images)

@@ -14,14 +14,8 @@ from lit_adapter.config import ModelConfig
 from lit_adapter.convert import convert, files
 from lit_adapter.convert.meta import load_meta
 from lit_adapter.errors import LitAdapterError
-from tests.core.helpers import (
-    meta_params,
-    meta_shards,
-    meta_state_dict_from_hf,
-    random_state_dict,
-    randomize_,
-    write_meta_folder,
-)
+from tests.convert.helpers import meta_params, meta_shards, meta_state_dict_from_hf, write_meta_folder
+from tests.helpers import random_state_dict, randomize_
 
 # dim 32 with multiple_of 16 and ffn_dim_multiplier 1.3: hidden = 16 * ceil(int(1.3 * int(2 * 128 / 3)) / 16) = 112
 CONFIG = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,

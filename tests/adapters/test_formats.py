@@ -1,4 +1,4 @@
-"""Adapter files: our format round trip, wrong-base errors, the official V1/V2/LoRA/65B formats, merging."""
+"""Adapter files: our format's files and legacy names, the official V1/V2/LoRA/65B formats and their errors."""
 
 from __future__ import annotations
 
@@ -8,105 +8,68 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lit_adapter.adapters import AdapterConfig, build_adapter_model, load_adapter_model
-from lit_adapter.adapters.io import load_adapter, save_adapter
+from lit_adapter.adapters import AdapterConfig, attach_adapters, load_adapter, read_adapter, save_adapter
 from lit_adapter.adapters.visual import VisualAdapter
-from lit_adapter.checkpoint import WEIGHTS_FILE, load_model, load_weights
-from lit_adapter.cli import main
 from lit_adapter.config import ModelConfig
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.model import LLaMA
-from tests.adapters.helpers import IDS, MODES, images, randomize, tiny_visual
+from tests.adapters.helpers import (
+    ATTENTION,
+    DIM,
+    FFN,
+    HEADS,
+    IDS,
+    KV_DIM,
+    LAYERS,
+    MODES,
+    images,
+    official_v1,
+    one_line_error,
+    rand,
+    randomize,
+    tiny_visual,
+)
 from tests.adapters.reference import Adapter, reference_logits
-
-DIM, LAYERS, HEADS, KV_DIM, HIDDEN = 64, 5, 8, 32, 172  # stories260K
-ATTENTION = {"wq": (DIM, DIM), "wk": (KV_DIM, DIM), "wv": (KV_DIM, DIM), "wo": (DIM, DIM)}  # [out, in]
-FFN = {"w1": (HIDDEN, DIM), "w2": (DIM, HIDDEN), "w3": (HIDDEN, DIM)}
-
-
-@pytest.fixture
-def clip_weights(tmp_path) -> str:
-    """A fixed tiny CLIP tower saved to a file, so every model built from the config gets the same frozen tower."""
-    torch.manual_seed(7)
-    tower = VisualAdapter(tiny_visual(), DIM).clip.visual
-    path = tmp_path / "tiny_clip.pt"
-    torch.save(tower.state_dict(), path)
-    return str(path)
-
-
-GENERATOR = torch.Generator().manual_seed(0)
-
-
-def rand(*shape, scale: float = 0.2) -> torch.Tensor:
-    return scale * torch.randn(*shape, generator=GENERATOR)
-
-
-def one_line_error(err: pytest.ExceptionInfo, *parts: str) -> None:
-    message = str(err.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, (part, message)
-
 
 # ---------------------------------------------------------------------------------------------------- our format
 
 
-def test_round_trip_restores_the_model_exactly(stories260k_dir, tmp_path, clip_weights):
-    config = AdapterConfig.v2(adapter_len=3, lora_rank=2, new_gate=True, visual=tiny_visual(
-        clip_pretrained=clip_weights), visual_layers=2, prompt_style="chat")
-    model = build_adapter_model(load_model(stories260k_dir), config)
-    randomize(model)
-    pics = images()
-    expected = model(IDS, images=pics)
+def test_our_files_hold_the_adapter_tensors_and_the_base_model(stories260k, tmp_path):
+    config = AdapterConfig.v2(adapter_len=3, lora_rank=2, prompt_style="chat")
+    model = attach_adapters(stories260k, config)
     save_adapter(model, tmp_path / "adapter")
-
     with safe_open(str(tmp_path / "adapter" / "adapter.safetensors"), framework="pt") as f:
-        assert set(f.keys()) == set(model.adapter_names)  # the adapter's own tensors only: no base, no CLIP tower
+        assert set(f.keys()) == set(model.adapter_names)  # the adapter's own tensors only: no base
     header = yaml.safe_load((tmp_path / "adapter" / "adapter_config.yaml").read_text())
     base = ModelConfig.from_name("stories260K")
     assert header["base_model"] == {"name": "stories260K", "architecture_hash": base.architecture_hash()}
     assert header["prompt_style"] == "chat" and header["bias_mode"] == "paper"
-
-    loaded, loaded_config = load_adapter_model(stories260k_dir, tmp_path / "adapter")
-    assert loaded_config == config
-    assert torch.equal(loaded(IDS, images=pics), expected)
-    # the .safetensors path works too, and so does loading onto an AdapterModel built with the same config
-    again = load_adapter(build_adapter_model(load_model(stories260k_dir), config),
-                         tmp_path / "adapter" / "adapter.safetensors")
-    assert torch.equal(again(IDS, images=pics), expected)
+    adapter = read_adapter(tmp_path / "adapter", base)
+    assert adapter.config == config and adapter.kind == "lit-adapter" and adapter.origin == {}
+    assert adapter.path == tmp_path / "adapter" / "adapter.safetensors"
 
 
-def test_adapter_for_another_base_model_fails_with_one_line(stories260k, tmp_path):
-    save_adapter(build_adapter_model(stories260k, MODES["v1"]), tmp_path / "adapter")
-    other = LLaMA(ModelConfig.from_name("tiny", n_layers=5))
-    with pytest.raises(LitAdapterError) as err:
-        load_adapter(other, tmp_path / "adapter")
-    one_line_error(err, "adapter_config.yaml", "made for base model 'stories260K'")
-
-
-def test_wrong_shape_with_a_matching_hash_names_the_key(stories260k, tmp_path):
-    model = build_adapter_model(stories260k, MODES["v1"])
+def test_files_saved_under_the_old_seam_name_load(stories260k, tmp_path):
+    """Files written while the seam was `Attention.prefix` hold `...attention.prefix.*` keys: they load as today's."""
+    model = attach_adapters(stories260k, MODES["v2-early-overlap-newgate"])
+    randomize(model)
     save_adapter(model, tmp_path / "adapter")
-    tensors = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    tensors["llama.layers.3.attention.adaption_prompt.prompt"] = torch.zeros(5, DIM)
-    save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
+    old = {k.replace(".adaption_prompt.", ".prefix."): v for k, v in model.adapter_state_dict().items()}
+    assert sum(".prefix." in k for k in old) == 5 * 3 + 2  # prompt, gate, new_gate on 5 layers; 2 visual gates
+    save_file(old, str(tmp_path / "adapter" / "adapter.safetensors"))
+    adapter = read_adapter(tmp_path / "adapter", stories260k.config)
+    assert set(adapter.tensors) == set(model.adapter_names)
+    assert adapter.origin["llama.layers.0.attention.adaption_prompt.visual_gate"] == (
+        "llama.layers.0.attention.prefix.visual_gate")
+    loaded = load_adapter(LLaMA(stories260k.config), tmp_path / "adapter")
+    for name, tensor in model.adapter_state_dict().items():
+        assert torch.equal(loaded.adapter_state_dict()[name], tensor), name
+    # a wrong shape is reported under the file's own (old) key
+    old["llama.layers.3.attention.prefix.prompt"] = torch.zeros(5, DIM)
+    save_file(old, str(tmp_path / "adapter" / "adapter.safetensors"))
     with pytest.raises(LitAdapterError) as err:
         load_adapter(LLaMA(stories260k.config), tmp_path / "adapter")
-    key = "'llama.layers.3.attention.adaption_prompt.prompt'"
-    one_line_error(err, "adapter.safetensors", key, "[5, 64]", "[4, 64]")
-
-
-def test_an_adapter_model_with_another_config_is_refused(stories260k, tmp_path):
-    save_adapter(build_adapter_model(load_model_like(stories260k), MODES["v2-paper"]), tmp_path / "adapter")
-    with pytest.raises(LitAdapterError) as err:
-        load_adapter(build_adapter_model(stories260k, MODES["v2-official_65b"]), tmp_path / "adapter")
-    one_line_error(err, "bias_mode is 'paper'", "'official_65b'")
-
-
-def load_model_like(model: LLaMA) -> LLaMA:
-    copy = LLaMA(model.config)
-    copy.load_state_dict(model.state_dict())
-    return copy
+    one_line_error(err, "adapter.safetensors", "'llama.layers.3.attention.prefix.prompt'", "[5, 64]")
 
 
 def test_missing_adapter_file(tmp_path, stories260k):
@@ -120,12 +83,6 @@ def test_missing_adapter_file(tmp_path, stories260k):
 
 def meta_weights(model: LLaMA) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in model.state_dict().items()}
-
-
-def official_v1(gate_shape=(1, HEADS, 1, 1)) -> dict[str, torch.Tensor]:
-    state = {"adapter_query.weight": rand(3 * 4, DIM, scale=1.0)}  # L=3 layers x K=4 tokens
-    state |= {f"layers.{i}.attention.gate": rand(*gate_shape, scale=1.0) for i in range(LAYERS)}
-    return state
 
 
 @pytest.mark.parametrize("gate_shape", [(1, HEADS, 1, 1), (1,)])
@@ -295,53 +252,13 @@ def test_official_files_for_another_base_or_with_unknown_keys_fail_with_one_line
     one_line_error(err, "garbage.pth", "cannot read")
 
 
-# --------------------------------------------------------------------------------------------------------- merge
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        AdapterConfig.v2(adapter_len=3, lora_rank=2, lora_alpha=4.0, new_gate=True),
-        AdapterConfig.v2(adapter_len=3, bias_mode="official_65b", lora_rank=2, prompt_kv_lora=False),
-        AdapterConfig(adapter_layers=0, lora_rank=3, train_norms=True),  # everything folds: no adapter remains
-    ],
-    ids=["paper-lora", "65b-lora-prompts-bypass", "lora-only"],
-)
-def test_merge_cli_keeps_the_logits(stories260k_dir, tmp_path, config, float64_base):
-    model = build_adapter_model(load_model(stories260k_dir), config)
-    randomize(model, scale=0.1)
-    save_adapter(model, tmp_path / "adapter")
-    out = tmp_path / "merged"
-    main(["merge", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(tmp_path / "adapter"),
-          "--out_dir", str(out)])
-
-    assert (out / WEIGHTS_FILE).is_file() and (out / "tokenizer.model").is_file()
-    load_weights(out, ModelConfig.from_name("stories260K"))  # a plain checkpoint: exactly the base keys
-    remains = (out / "adapter.safetensors").is_file()
-    merged, merged_config = load_adapter_model(out, out if remains else None)
-    assert merged_config.bias_mode in ("none", "bias") and not merged_config.train_norms
-    assert merged_config.lora_rank == (2 if not config.prompt_kv_lora else 0)  # wk/wv LoRA the prompts bypass
-    assert remains == (config.adapter_layers != 0)
-    with torch.no_grad():
-        before, after = model.double()(IDS), merged.double()(IDS)
-    assert (before - after).abs().max() < 1e-5
-
-
-def test_merge_refuses_to_overwrite_the_base(stories260k_dir, tmp_path, capsys):
-    save_adapter(build_adapter_model(load_model(stories260k_dir), MODES["v1"]), tmp_path / "adapter")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(tmp_path / "adapter"),
-              "--out_dir", str(stories260k_dir)])
-    assert exit_info.value.code == 2
-    assert "must differ from the base checkpoint folder" in capsys.readouterr().err
-
-
-def test_merge_of_an_official_file(stories260k_dir, tmp_path, float64_base):
-    torch.save(official_v1(), tmp_path / "adapter.pth")
-    main(["merge", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(tmp_path / "adapter.pth"),
-          "--out_dir", str(tmp_path / "merged"), "--adapter_len", "4"])
-    before = load_adapter(load_model(stories260k_dir), tmp_path / "adapter.pth", adapter_len=4)
-    after, config = load_adapter_model(tmp_path / "merged", tmp_path / "merged")
-    assert config.gate_activation == "identity"
-    with torch.no_grad():
-        assert torch.equal(before(IDS), after(IDS))  # nothing to fold: prompts and gates move over unchanged
+def test_a_wrong_shape_in_an_official_file_names_the_official_key(stories260k, tmp_path, clip_weights):
+    checkpoint = official_v2(clip_weights, lora=True)
+    checkpoint["model"]["llama.layers.1.attention.lora_wk_l2.weight"] = torch.zeros(DIM, 2)  # wk is 32 wide here
+    torch.save(checkpoint, tmp_path / "LORA-BIAS-7B.pth")
+    adapter = read_adapter(tmp_path / "LORA-BIAS-7B.pth", stories260k.config, visual=tiny_visual())
+    assert adapter.kind == "official-v2"
+    assert adapter.file_key("llama.layers.1.attention.wk.lora_l2") == "llama.layers.1.attention.lora_wk_l2.weight"
+    with pytest.raises(LitAdapterError) as err:
+        load_adapter(stories260k, tmp_path / "LORA-BIAS-7B.pth", visual=tiny_visual(clip_pretrained=clip_weights))
+    one_line_error(err, "LORA-BIAS-7B.pth", "'llama.layers.1.attention.lora_wk_l2.weight'", "[64, 2]", "[32, 2]")

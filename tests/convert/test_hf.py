@@ -12,7 +12,7 @@ import torch
 from lit_adapter.checkpoint import load_model
 from lit_adapter.convert import convert, files, hf
 from lit_adapter.convert.hf import hf_config_dict, load_hf, to_hf_state_dict
-from tests.core.helpers import randomize_, run_cli
+from tests.helpers import randomize_, run_cli
 
 transformers = pytest.importorskip("transformers")
 

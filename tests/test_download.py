@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lit_adapter.checkpoint import WEIGHTS_FILE
 from lit_adapter.download import download, stories260k_checkpoint
 from lit_adapter.errors import LitAdapterError
-from tests.core.helpers import assert_cli_error, run_cli
+from tests.helpers import assert_cli_error, run_cli
 
 FILES = ("stories260K.bin", "tok512.model")
 

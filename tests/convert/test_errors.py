@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from lit_adapter.config import ModelConfig
 from lit_adapter.convert.hf import hf_config_dict, to_hf_state_dict
-from tests.core.helpers import assert_cli_error, meta_params, random_state_dict, run_cli, write_meta_folder
+from tests.convert.helpers import meta_params, write_meta_folder
+from tests.helpers import assert_cli_error, random_state_dict, run_cli
 
 CONFIG = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16)
 Case = Callable[[Path, Path, Path], tuple[list, list[str]]]  # (work dir, assets, stories260K folder)

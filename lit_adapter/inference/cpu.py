@@ -1,0 +1,276 @@
+"""Opt-in CPU decoding: settings measured on the running machine, held only inside `with CPUDecoding(...)`.
+
+Decoding on a CPU is a stream of few-row matrix products and microsecond elementwise ops. Which settings make it
+fastest depends on the processor (its vector units and caches, hence the kernels oneDNN and MKL pick for it), on
+the model's shapes and dtype, and on how busy the cores are, so none is fixed here. `CPUDecoding.for_model` times
+the candidates of each setting on this machine, with the model's own first block and weight shapes (a few
+repetitions, `lit_adapter.ops.best_time`), once per process and model shape, and keeps a candidate only when it is
+faster than torch's default by more than `TOLERANCE`:
+
+- threads (process-wide, `torch.set_num_threads`): one thread or torch's default. Every parallel op waits for all
+  its threads; for a small model whose ops take microseconds the wait can cost more than the parallel work saves,
+  and far more when other processes hold cores. One thread is kept only when it is faster for a one-row and for an
+  eight-row decode step alike.
+- one-row kernels (process-wide, `torch.backends.mkldnn.enabled`): oneDNN off around the forward pass of a single
+  token, so half-precision matrix-vector products run through torch's own kernels, which can beat oneDNN's for one
+  row; oneDNN is kept for prefill and batch steps, where it tends to be far ahead. Products that do not go through
+  oneDNN (float32 on common builds) show no difference, so the default stays.
+- column-major weights (model-local, `prepare`): a linear weight [out, in] laid out transposed in memory (same
+  values, shape and parameter), which some BLAS matrix-vector kernels read faster. Chosen per weight shape, by the
+  time per token of a one-row product plus that of an eight-row product, since one layout serves both.
+
+A measurement reflects the machine as it is at that moment (a core held by another process favours one thread).
+The attention kernel is chosen apart from these, for every caller, by `lit_adapter.ops.AttentionPaths`. No library
+function changes torch's process-wide settings otherwise: `generate_tokens` and `generate_batch` run with torch's
+defaults unless called inside an entered `CPUDecoding`, which restores every setting on exit (errors and closed
+generators included). Measured figures: benchmarks/README.md.
+
+    decoding = CPUDecoding.for_model(llama)  # measured once per process; a no-op context off the CPU
+    decoding.prepare(llama)                  # the model-local choice: weight layout
+    with decoding:                           # the process-wide choices hold only inside
+        tokens = list(generate_tokens(llama, prompt, 100))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+from typing import Optional, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.model import LLaMA, build_rope
+from lit_adapter.ops import best_time, fastest
+
+Shape = tuple[int, int]  # (out_features, in_features) of a linear weight
+Settings = tuple[Optional[int], bool, frozenset[Shape]]
+T = TypeVar("T")
+
+TOLERANCE = 0.05  # a measured setting replaces torch's default only when faster by more than this fraction
+BATCH_ROWS = 8  # the batch decode step the probes time besides a one-row step
+PROBE_ELEMENTS = 2**22  # the weight probes time at most this many elements of a weight (its first rows)
+
+_ACTIVE: list[CPUDecoding] = []  # entered contexts, innermost last
+_PROBED: dict[tuple, Settings] = {}  # per process: model shapes, dtype, threads -> measured settings
+
+
+class CPUDecoding:
+    """CPU decoding settings, applied only while the context is entered (see the module docstring).
+
+    Args:
+        threads: torch threads inside the context (None: leave the count as it is).
+        one_row_kernels: oneDNN off around each forward pass of a single token (`step`).
+        column_major: (out, in) shapes of the linear weights `prepare` lays out column-major.
+    """
+
+    def __init__(self, threads: Optional[int] = None, one_row_kernels: bool = False,
+                 column_major: Collection[Shape] = ()) -> None:
+        self.threads = threads
+        self.one_row_kernels = one_row_kernels
+        self.column_major = frozenset(column_major)
+        self._saved: list[tuple[int, bool]] = []
+
+    def __repr__(self) -> str:
+        return (f"CPUDecoding(threads={self.threads}, one_row_kernels={self.one_row_kernels}, "
+                f"column_major={sorted(self.column_major)})")
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> CPUDecoding:
+        """The settings measured faster for `model` (a LLaMA, or an adapter model holding one as `.llama`) on this
+        machine, probed once per process for its shapes, dtype and thread count; a no-op context off the CPU."""
+        llama: LLaMA = getattr(model, "llama", model)
+        weight = llama.output.weight
+        if weight.device.type != "cpu":
+            return cls()
+        key = (tuple(sorted(linear_shapes(llama).items())), weight.dtype, torch.get_num_threads())
+        if key not in _PROBED:
+            _PROBED[key] = probe(llama)
+        return cls(*_PROBED[key])
+
+    def prepare(self, model: nn.Module) -> int:
+        """Apply the model-local settings (the weight layout) to `model`; returns the number of weights changed."""
+        return column_major_weights(model, self.column_major) if self.column_major else 0
+
+    def __enter__(self) -> CPUDecoding:
+        self._saved.append((torch.get_num_threads(), torch.backends.mkldnn.enabled))
+        if self.threads is not None and self.threads != torch.get_num_threads():
+            torch.set_num_threads(self.threads)
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        threads, mkldnn = self._saved.pop()
+        del _ACTIVE[len(_ACTIVE) - 1 - _ACTIVE[::-1].index(self)]
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
+
+    @contextmanager
+    def step(self, tokens: torch.Tensor) -> Iterator[None]:
+        """Around one forward pass over `tokens` [B, T]: the per-step settings, while this context is entered."""
+        single = tokens.numel() == 1 and tokens.device.type == "cpu"
+        if not (self.one_row_kernels and single and self in _ACTIVE and torch.backends.mkldnn.enabled):
+            yield
+            return
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+
+def active() -> Optional[CPUDecoding]:
+    """The innermost entered CPUDecoding, if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def decode_step(tokens: torch.Tensor) -> AbstractContextManager[None]:
+    """Around one forward pass of a decoding loop: the active CPUDecoding's per-step settings, else nothing."""
+    context = active()
+    return context.step(tokens) if context is not None else nullcontext()
+
+
+def column_major_weights(model: nn.Module, shapes: Optional[Collection[Shape]] = None) -> int:
+    """Lay CPU linear weights [out, in] out transposed in memory: same values, shape and parameter (ties kept).
+
+    `shapes`: the (out, in) shapes to change; None changes every float32 weight. Returns the number changed.
+    """
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or weight.device.type != "cpu" or not weight.is_contiguous():
+            continue
+        if (weight.dtype == torch.float32) if shapes is None else tuple(weight.shape) in shapes:
+            weight.data = weight.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
+def linear_shapes(model: nn.Module) -> Counter[Shape]:
+    """How many CPU linear weights of each (out, in) shape the model holds."""
+    return Counter(tuple(m.weight.shape) for m in model.modules()
+                   if isinstance(m, nn.Linear) and m.weight.device.type == "cpu")
+
+
+@contextmanager
+def thread_count(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+@contextmanager
+def mkldnn_enabled(enabled: bool) -> Iterator[None]:
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def faster_setting(settings: Sequence[T], measure: Callable[[T], float]) -> T:
+    """The first (default) setting, unless another makes `measure(setting)` (seconds) smaller by more than
+    TOLERANCE in every round (`lit_adapter.ops.fastest`)."""
+    return fastest({setting: partial(measure, setting) for setting in settings}, TOLERANCE, timer=call)
+
+
+def call(measure: Callable[[], float]) -> float:
+    return measure()
+
+
+@torch.inference_mode()
+def probe(llama: LLaMA) -> Settings:
+    """Measure (threads, one_row_kernels, column_major) for this model on this machine."""
+    threads = probe_threads(llama)
+    with thread_count(threads or torch.get_num_threads()):
+        one_row = probe_one_row_kernels(llama)
+        return threads, one_row, probe_layout(llama, one_row)
+
+
+def probe_threads(llama: LLaMA) -> Optional[int]:
+    """1 when one thread runs a decode step (the first block, the norm, the classifier's first rows) faster at one
+    and at eight rows."""
+    default = torch.get_num_threads()
+    if default == 1:
+        return None
+    block, config, device = llama.layers[0], llama.config, llama.output.weight.device
+    rope = build_rope(1, config.head_dim, config.rope_theta, device)  # not llama.rope: no inference tensor is kept
+    head = llama.output.weight.detach()[:max(1, PROBE_ELEMENTS // config.dim)]
+    generator = torch.Generator(device).manual_seed(0)
+    for rows in (1, BATCH_ROWS):
+        x = torch.randn(rows, 1, config.dim, generator=generator, device=device)
+        x = x.to(llama.tok_embeddings.weight.dtype)
+
+        def step_time(threads: int, x: torch.Tensor = x) -> float:
+            with thread_count(threads):
+                return best_time(lambda: F.linear(llama.norm(block(x, rope)), head))
+
+        if faster_setting((default, 1), step_time) == default:
+            return None
+    return 1
+
+
+def probe_one_row_kernels(llama: LLaMA) -> bool:
+    """True when a one-row step's products (each weight shape, weighted by its count) run faster without oneDNN."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    products = weight_products(llama)
+
+    def step_time(off: bool) -> float:
+        with mkldnn_enabled(not off):
+            return sum(share * best_time(lambda w=w, x=x: F.linear(x, w)) for _, share, w, x in products)
+
+    return faster_setting((False, True), step_time)
+
+
+def probe_layout(llama: LLaMA, one_row_kernels: bool) -> frozenset[Shape]:
+    """The weight shapes whose token costs less column-major: a one-row product (under the one-row kernel choice)
+    plus an eight-row product divided by eight, as one layout serves both."""
+    mkldnn_for_one_row = torch.backends.mkldnn.enabled and not one_row_kernels
+    chosen = set()
+    for shape, _, weight, x in weight_products(llama):
+        layouts = {"row": weight, "column": weight.t().contiguous().t()}
+        batch = x.expand(BATCH_ROWS, -1).contiguous()
+        measure = partial(token_time, layouts, x, batch, mkldnn_for_one_row)
+        if faster_setting(("row", "column"), measure) == "column":
+            chosen.add(shape)
+    return frozenset(chosen)
+
+
+def token_time(layouts: dict[str, torch.Tensor], row: torch.Tensor, batch: torch.Tensor, mkldnn_for_one_row: bool,
+               layout: str) -> float:
+    """Seconds per token of the product of weight `layouts[layout]` with one row plus with a batch of rows."""
+    weight = layouts[layout]
+    with mkldnn_enabled(mkldnn_for_one_row):
+        single = best_time(lambda: F.linear(row, weight))
+    return single + best_time(lambda: F.linear(batch, weight)) / batch.shape[0]
+
+
+def weight_products(llama: LLaMA) -> list[tuple[Shape, float, torch.Tensor, torch.Tensor]]:
+    """For each distinct (out, in) shape of the model's row-major CPU linear weights: (the shape, its share of a
+    one-row step's products, the weight's first rows, one input row [1, in])."""
+    counts = linear_shapes(llama)
+    generator = torch.Generator().manual_seed(0)
+    products: dict[Shape, tuple[Shape, float, torch.Tensor, torch.Tensor]] = {}
+    for module in llama.modules():
+        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
+            continue
+        shape = tuple(module.weight.shape)
+        if shape in products or not module.weight.is_contiguous():
+            continue
+        out, inp = shape
+        rows = min(out, max(1, PROBE_ELEMENTS // inp))  # the first rows stand for a large weight
+        weight = module.weight.detach()[:rows]
+        x = torch.randn(1, inp, generator=generator).to(weight.dtype)
+        products[shape] = (shape, counts[shape] * out / rows, weight, x)
+    return list(products.values())

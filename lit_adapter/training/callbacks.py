@@ -1,0 +1,141 @@
+"""What a fit reports and leaves behind, as callbacks (`lit-adapter fit` adds `default_callbacks()`).
+
+- `TrainingThroughput` logs `tokens_per_sec` (input tokens, padding excluded, per second of training step, summed
+  over all processes) and `peak_memory_gb` after every training batch. Lightning's `ThroughputMonitor` does not fit
+  here: it reports only once a window of batches is full (100 by default), under its own metric names, measures wall
+  time between batch ends (data loading included) on rank 0 alone, and gives no figure for the whole run, which the
+  summary and training.yaml need.
+- `AdapterExport` writes adapter.safetensors + adapter_config.yaml, the base's tokenizer and model config, and
+  training.yaml (the base folder and the run's figures) into the run folder at the end of an uninterrupted fit.
+- `FitSummary` prints the validation loss before training (the sanity check) and the summary at the end of fit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, save_yaml
+from lit_adapter.devices import peak_memory_gb
+from lit_adapter.training.names import STATE_PREFIX
+from lit_adapter.training.report import format_summary, run_figures
+
+TRAINING_FILE = "training.yaml"
+
+
+class TrainingThroughput(Callback):
+    """Tokens per second of training step and peak memory, logged after every training batch."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self.world_size = 1
+        self._start: Optional[float] = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+        self.tokens += int(batch["attention_mask"].sum())
+        self.world_size = trainer.world_size
+        pl_module.log("tokens_per_sec", self.tokens_per_second())
+        pl_module.log("peak_memory_gb", peak_memory_gb(pl_module.device))
+
+    def tokens_per_second(self) -> float:
+        return self.tokens * self.world_size / self.seconds if self.seconds else 0.0
+
+
+def _tokens_per_second(throughput: Optional[TrainingThroughput]) -> float:
+    return throughput.tokens_per_second() if throughput is not None else 0.0
+
+
+class AdapterExport(Callback):
+    """At the end of an uninterrupted fit, the adapter and what loads it, in `dirpath` (default: the run folder,
+    `trainer.default_root_dir`); global rank 0 writes, the others wait.
+
+    Args:
+        dirpath: where to write; None = trainer.default_root_dir
+        throughput: the run's throughput callback, whose figure goes into training.yaml
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, throughput: Optional[TrainingThroughput] = None) -> None:
+        self.dirpath = dirpath
+        self.throughput = throughput
+        self.exported_to: Optional[Path] = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.interrupted:
+            tensors = adapter_tensors(trainer, pl_module)  # a collective call under FSDP: every rank takes part
+            if trainer.is_global_zero:
+                self.write(Path(self.dirpath or trainer.default_root_dir), trainer, pl_module, tensors)
+        trainer.strategy.barrier()
+
+    def write(self, out_dir: Path, trainer: Trainer, module: Any, tensors: dict[str, torch.Tensor]) -> None:
+        from lit_adapter.adapters.formats import write_adapter
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        base_dir = module.base_dir
+        write_adapter(out_dir, module.adapter_config, tensors, load_config(base_dir))
+        for name in (TOKENIZER_FILE, CONFIG_FILE):
+            shutil.copyfile(base_dir / name, out_dir / name)
+        figures = run_figures(trainer, module, _tokens_per_second(self.throughput))
+        save_yaml({"checkpoint_dir": str(base_dir.resolve()), **figures}, out_dir / TRAINING_FILE)
+        self.exported_to = out_dir
+
+
+def adapter_tensors(trainer: Trainer, module: Any) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (trained or not), full size, on CPU (under FSDP gathered onto global rank 0)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return {name: t.detach().cpu() for name, t in module.model.adapter_state_dict().items()}
+    from lit_adapter.training.fsdp import gather_full_tensors
+
+    names = {STATE_PREFIX + name for name in module.model.adapter_names}
+    gathered = gather_full_tensors(trainer.strategy.model, names, rank0_only=True)
+    return {name.removeprefix(STATE_PREFIX): tensor for name, tensor in gathered.items()}
+
+
+class FitSummary(Callback):
+    """Prints (global rank 0) the validation loss of the sanity check, "before training", and the run's summary.
+
+    Args:
+        throughput: the run's throughput callback
+        export: the run's export callback (the summary names the adapter it wrote)
+    """
+
+    def __init__(self, throughput: Optional[TrainingThroughput] = None, export: Optional[AdapterExport] = None) -> None:
+        self.throughput = throughput
+        self.export = export
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        losses = pl_module.val_losses
+        if not trainer.is_global_zero or not losses:
+            return
+        parts = ", ".join(f"{source} {loss:.4f}" for source, loss in losses.items())
+        limit = trainer.num_sanity_val_steps
+        scope = "" if limit == float("inf") else f"; first {limit} batches of each set"
+        print(f"validation loss before training: {pl_module.initial_val_loss:.4f} ({parts}{scope})", flush=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            exported = self.export.exported_to if self.export is not None else None
+            figures = run_figures(trainer, pl_module, _tokens_per_second(self.throughput))
+            print(format_summary(figures, exported), flush=True)
+
+
+def default_callbacks(export: bool = True) -> list[Callback]:
+    """Throughput logging, the export at the end of fit (unless `export` is False), then the summary (in this order:
+    the summary names the exported adapter)."""
+    throughput = TrainingThroughput()
+    exporter = AdapterExport(throughput=throughput) if export else None
+    return [throughput, *([exporter] if exporter else []), FitSummary(throughput, exporter)]

@@ -1,0 +1,86 @@
+"""Helpers shared by the test folders: the real CLI in a subprocess, random weights, tiny visual configs, images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from lit_adapter.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lit_adapter.adapters import VisualConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+def run_cli(
+    *args: str, stdin: Optional[str] = None, env: Optional[dict[str, str]] = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`python -m lit_adapter.cli ARGS` in a fresh process (one thread: the tiny models run faster that way)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_adapter.cli", *map(str, args)], input=stdin, capture_output=True, text=True,
+        env=env, timeout=timeout, cwd=REPO_ROOT,
+    )
+
+
+def assert_cli_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, exactly one line on stderr, no traceback, and the line names every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Unit-scale random weights (peaked attention, logits of order 1), so layout mistakes show in the logits."""
+    from lit_adapter.checkpoint import expected_shapes
+
+    torch.manual_seed(seed)
+    return {
+        k: (1 + 0.2 * torch.randn(shape)) if len(shape) == 1 else torch.randn(shape) * shape[-1] ** -0.5
+        for k, shape in expected_shapes(config).items()
+    }
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Redraw a (Hugging Face) model's weights at unit scale, like `random_state_dict`."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0, param.shape[-1] ** -0.5)
+    return model
+
+
+def tiny_visual(clip_weights: Optional[Path] = None, **overrides) -> VisualConfig:
+    """The tiny open_clip tower (random weights, or those of `clip_weights`) with a one-block visual adapter."""
+    from lit_adapter.adapters.clip import TINY_CLIP_MODEL
+    from lit_adapter.adapters.visual import VisualConfig
+
+    weights = str(clip_weights) if clip_weights is not None else None
+    fields = dict(clip_model=TINY_CLIP_MODEL, clip_pretrained=weights, visual_len=3, n_blocks=1, block_heads=2)
+    return VisualConfig(**{**fields, **overrides})
+
+
+def write_image(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: int = 48) -> Path:
+    """A small RGB image with some structure (two images differ beyond their mean colour)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (size, size), color)
+    for x in range(0, size, 4):
+        image.putpixel((x, x), (255 - color[0], 255 - color[1], 255 - color[2]))
+    image.save(path)
+    return path
