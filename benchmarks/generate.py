@@ -125,7 +125,6 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
     model.eval()
     cpu = CPUDecoding.for_model(model)  # as Engine.load does: settings measured on this machine
     cpu.prepare(model)
-    print(f"[generate] {cpu!r}", file=sys.stderr)
 
     def generate(prompts) -> list[list[int]]:
         with cpu:
@@ -133,6 +132,7 @@ def build_ours(args: argparse.Namespace, adapter: bool, dtype) -> Generate:
                 return [list(generate_tokens(model, prompts[0], args.new_tokens))]
             return generate_batch(model, list(prompts), args.new_tokens)
 
+    generate.settings = repr(cpu)  # type: ignore[attr-defined]  (what the probes chose, for the report)
     return generate
 
 
@@ -177,7 +177,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     generate = (build_ours if side == OURS else build_hf)(args, adapter, dtype)
     result: dict[str, Any] = {"run": args.run, "side": side, "precision": args.precision,
                               "rss_model_mb": harness.rss_mb(),
-                              "batches": {}}
+                              "cpu_decoding": getattr(generate, "settings", None), "batches": {}}
     for batch_size in [int(b) for b in args.batch_sizes]:
         prompts = make_prompts(args, batch_size)
         for _ in range(args.warmup):

@@ -3,21 +3,21 @@
 Decoding on a CPU is a stream of few-row matrix products and microsecond elementwise ops. Which settings make it
 fastest depends on the processor (its vector units and caches, hence the kernels oneDNN and MKL pick for it), on
 the model's shapes and dtype, and on how busy the cores are, so none is fixed here. `CPUDecoding.for_model` times
-the candidates of each setting on this machine, with the model's own first block and weight shapes (a few
-repetitions, `lit_adapter.ops.best_time`), once per process and model shape, and keeps a candidate only when it is
-faster than torch's default by more than `TOLERANCE`:
+the candidates of each setting on this machine with the model itself (its whole decode step, or its own weight
+shapes; a few repetitions, `lit_adapter.ops.best_time`), once per process and model shape, and keeps a candidate
+only when it is faster than torch's default by more than `TOLERANCE` in every round:
 
 - threads (process-wide, `torch.set_num_threads`): one thread or torch's default. Every parallel op waits for all
   its threads; for a small model whose ops take microseconds the wait can cost more than the parallel work saves,
-  and far more when other processes hold cores. One thread is kept only when it is faster for a one-row and for an
-  eight-row decode step alike.
+  and far more when other processes hold cores. One thread is kept only when the model's decode step is faster
+  with it for one and for eight rows alike.
 - one-row kernels (process-wide, `torch.backends.mkldnn.enabled`): oneDNN off around the forward pass of a single
   token, so half-precision matrix-vector products run through torch's own kernels, which can beat oneDNN's for one
   row; oneDNN is kept for prefill and batch steps, where it tends to be far ahead. Products that do not go through
   oneDNN (float32 on common builds) show no difference, so the default stays.
-- column-major weights (model-local, `prepare`): a linear weight [out, in] laid out transposed in memory (same
-  values, shape and parameter), which some BLAS matrix-vector kernels read faster. Chosen per weight shape, by the
-  time per token of a one-row product plus that of an eight-row product, since one layout serves both.
+- column-major weights (model-local, `prepare`): the linear weights [out, in] laid out transposed in memory (same
+  values, shape and parameter), which some BLAS matrix-vector kernels read faster. Chosen for the whole model, by
+  the time per token of its one-row decode step plus that of its eight-row step, since one layout serves both.
 
 A measurement reflects the machine as it is at that moment (a core held by another process favours one thread).
 The attention kernel is chosen apart from these, for every caller, by `lit_adapter.ops.AttentionPaths`. No library
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.model import LLaMA, build_rope
+from lit_adapter.model import LLaMA
 from lit_adapter.ops import best_time, fastest
 
 Shape = tuple[int, int]  # (out_features, in_features) of a linear weight
@@ -197,25 +197,29 @@ def probe(llama: LLaMA) -> Settings:
         return threads, one_row, probe_layout(llama, one_row)
 
 
+def step_time(llama: LLaMA, rows: int) -> float:
+    """Seconds of one decode step of the whole model for `rows` sequences of one token (the products and the
+    elementwise work decoding runs; attention over a short history costs little beside them)."""
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=llama.output.weight.device)
+    rope = llama._rope  # the model's rotation table is rebuilt under inference mode here: keep the model's own
+    try:
+        return best_time(lambda: llama(tokens, last_only=True), repeats=3, min_seconds=5e-3, budget_seconds=0.2)
+    finally:
+        llama._rope = rope
+
+
 def probe_threads(llama: LLaMA) -> Optional[int]:
-    """1 when one thread runs a decode step (the first block, the norm, the classifier's first rows) faster at one
-    and at eight rows."""
+    """1 when one thread runs the model's decode step faster, at one and at eight rows alike."""
     default = torch.get_num_threads()
     if default == 1:
         return None
-    block, config, device = llama.layers[0], llama.config, llama.output.weight.device
-    rope = build_rope(1, config.head_dim, config.rope_theta, device)  # not llama.rope: no inference tensor is kept
-    head = llama.output.weight.detach()[:max(1, PROBE_ELEMENTS // config.dim)]
-    generator = torch.Generator(device).manual_seed(0)
     for rows in (1, BATCH_ROWS):
-        x = torch.randn(rows, 1, config.dim, generator=generator, device=device)
-        x = x.to(llama.tok_embeddings.weight.dtype)
 
-        def step_time(threads: int, x: torch.Tensor = x) -> float:
+        def timed(threads: int, rows: int = rows) -> float:
             with thread_count(threads):
-                return best_time(lambda: F.linear(llama.norm(block(x, rope)), head))
+                return step_time(llama, rows)
 
-        if faster_setting((default, 1), step_time) == default:
+        if faster_setting((default, 1), timed) == default:
             return None
     return 1
 
@@ -234,26 +238,29 @@ def probe_one_row_kernels(llama: LLaMA) -> bool:
 
 
 def probe_layout(llama: LLaMA, one_row_kernels: bool) -> frozenset[Shape]:
-    """The weight shapes whose token costs less column-major: a one-row product (under the one-row kernel choice)
-    plus an eight-row product divided by eight, as one layout serves both."""
+    """Every row-major weight shape of the model when the whole decode step (a one-row step plus an eight-row step
+    divided by eight, as one layout serves both) runs faster with the weights laid out column-major, else none."""
+    shapes = frozenset(shape for shape, *_ in weight_products(llama))
+    if not shapes:
+        return frozenset()
+    originals = {module: module.weight.data for module in llama.modules()
+                 if isinstance(module, nn.Linear) and tuple(module.weight.shape) in shapes
+                 and module.weight.device.type == "cpu" and module.weight.is_contiguous()}
+    columns = {module: data.t().contiguous().t() for module, data in originals.items()}
     mkldnn_for_one_row = torch.backends.mkldnn.enabled and not one_row_kernels
-    chosen = set()
-    for shape, _, weight, x in weight_products(llama):
-        layouts = {"row": weight, "column": weight.t().contiguous().t()}
-        batch = x.expand(BATCH_ROWS, -1).contiguous()
-        measure = partial(token_time, layouts, x, batch, mkldnn_for_one_row)
-        if faster_setting(("row", "column"), measure) == "column":
-            chosen.add(shape)
-    return frozenset(chosen)
 
+    def token_time(layout: str) -> float:
+        for module, data in (originals if layout == "row" else columns).items():
+            module.weight.data = data
+        with mkldnn_enabled(mkldnn_for_one_row):
+            single = step_time(llama, 1)
+        return single + step_time(llama, BATCH_ROWS) / BATCH_ROWS
 
-def token_time(layouts: dict[str, torch.Tensor], row: torch.Tensor, batch: torch.Tensor, mkldnn_for_one_row: bool,
-               layout: str) -> float:
-    """Seconds per token of the product of weight `layouts[layout]` with one row plus with a batch of rows."""
-    weight = layouts[layout]
-    with mkldnn_enabled(mkldnn_for_one_row):
-        single = best_time(lambda: F.linear(row, weight))
-    return single + best_time(lambda: F.linear(batch, weight)) / batch.shape[0]
+    try:
+        return shapes if faster_setting(("row", "column"), token_time) == "column" else frozenset()
+    finally:
+        for module, data in originals.items():
+            module.weight.data = data
 
 
 def weight_products(llama: LLaMA) -> list[tuple[Shape, float, torch.Tensor, torch.Tensor]]:
