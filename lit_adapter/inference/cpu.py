@@ -12,12 +12,12 @@ only when it is faster than torch's default by more than `TOLERANCE` in every ro
   and far more when other processes hold cores. One thread is kept only when the model's decode step is faster
   with it for one and for eight rows alike.
 - one-row kernels (process-wide, `torch.backends.mkldnn.enabled`): oneDNN off around the forward pass of a single
-  token, so half-precision matrix-vector products run through torch's own kernels, which can beat oneDNN's for one
-  row; oneDNN is kept for prefill and batch steps, where it tends to be far ahead. Products that do not go through
-  oneDNN (float32 on common builds) show no difference, so the default stays.
+  token, so its matrix-vector products run through torch's own or BLAS kernels, which can beat oneDNN's for one
+  row; oneDNN is kept for prefill and batch steps, where it tends to be far ahead.
 - column-major weights (model-local, `prepare`): the linear weights [out, in] laid out transposed in memory (same
-  values, shape and parameter), which some BLAS matrix-vector kernels read faster. Chosen for the whole model, by
-  the time per token of its one-row decode step plus that of its eight-row step, since one layout serves both.
+  values, shape and parameter), which some BLAS matrix-vector kernels read faster.
+  These two interact, so the four combinations are timed together on the model's whole decode step: the one-row
+  step plus the eight-row step divided by eight, since one layout serves both.
 
 A measurement reflects the machine as it is at that moment (a core held by another process favours one thread).
 The attention kernel is chosen apart from these, for every caller, by `lit_adapter.ops.AttentionPaths`. No library
@@ -41,7 +41,6 @@ from typing import Optional, TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_adapter.model import LLaMA
 from lit_adapter.ops import best_time, fastest
@@ -53,6 +52,7 @@ T = TypeVar("T")
 TOLERANCE = 0.05  # a measured setting replaces torch's default only when faster by more than this fraction
 BATCH_ROWS = 8  # the batch decode step the probes time besides a one-row step
 PROBE_ELEMENTS = 2**22  # the weight probes time at most this many elements of a weight (its first rows)
+PROBE_MAX_STEP = 0.25  # seconds: a model whose one-row decode step takes longer keeps the default kernels/layout
 
 _ACTIVE: list[CPUDecoding] = []  # entered contexts, innermost last
 _PROBED: dict[tuple, Settings] = {}  # per process: model shapes, dtype, threads -> measured settings
@@ -193,8 +193,8 @@ def probe(llama: LLaMA) -> Settings:
     """Measure (threads, one_row_kernels, column_major) for this model on this machine."""
     threads = probe_threads(llama)
     with thread_count(threads or torch.get_num_threads()):
-        one_row = probe_one_row_kernels(llama)
-        return threads, one_row, probe_layout(llama, one_row)
+        one_row, layout = probe_kernels_and_layout(llama)
+        return threads, one_row, layout
 
 
 def step_time(llama: LLaMA, rows: int) -> float:
@@ -224,43 +224,47 @@ def probe_threads(llama: LLaMA) -> Optional[int]:
     return 1
 
 
-def probe_one_row_kernels(llama: LLaMA) -> bool:
-    """True when a one-row step's products (each weight shape, weighted by its count) run faster without oneDNN."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    products = weight_products(llama)
-
-    def step_time(off: bool) -> float:
-        with mkldnn_enabled(not off):
-            return sum(share * best_time(lambda w=w, x=x: F.linear(x, w)) for _, share, w, x in products)
-
-    return faster_setting((False, True), step_time)
-
-
-def probe_layout(llama: LLaMA, one_row_kernels: bool) -> frozenset[Shape]:
-    """Every row-major weight shape of the model when the whole decode step (a one-row step plus an eight-row step
-    divided by eight, as one layout serves both) runs faster with the weights laid out column-major, else none."""
+def probe_kernels_and_layout(llama: LLaMA) -> tuple[bool, frozenset[Shape]]:
+    """(one-row kernels, column-major shapes) that make a token cheapest: the model's one-row decode step (oneDNN
+    on or off around it) plus its eight-row step divided by eight (oneDNN on), row- or column-major weights. The
+    two settings interact (a BLAS matrix-vector kernel may want the other layout than oneDNN), so they are timed
+    together. A model whose one-row step is slower than `PROBE_MAX_STEP` keeps the defaults: it is bound by memory
+    bandwidth, and the probe would cost more than it could save."""
     shapes = frozenset(shape for shape, *_ in weight_products(llama))
-    if not shapes:
-        return frozenset()
-    originals = {module: module.weight.data for module in llama.modules()
-                 if isinstance(module, nn.Linear) and tuple(module.weight.shape) in shapes
-                 and module.weight.device.type == "cpu" and module.weight.is_contiguous()}
-    columns = {module: data.t().contiguous().t() for module, data in originals.items()}
-    mkldnn_for_one_row = torch.backends.mkldnn.enabled and not one_row_kernels
+    if step_time(llama, 1) > PROBE_MAX_STEP:
+        return False, frozenset()
+    mkldnn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    kernels = (False, True) if mkldnn else (False,)
+    layouts = ("row", "column") if shapes else ("row",)
+    candidates = [(off, layout) for layout in layouts for off in kernels]
+    current = ["row"]
 
-    def token_time(layout: str) -> float:
-        for module, data in (originals if layout == "row" else columns).items():
-            module.weight.data = data
-        with mkldnn_enabled(mkldnn_for_one_row):
+    def token_time(candidate: tuple[bool, str]) -> float:
+        off, layout = candidate
+        if layout != current[0]:
+            column_major_weights(llama, shapes) if layout == "column" else row_major_weights(llama, shapes)
+            current[0] = layout
+        with mkldnn_enabled(mkldnn and not off):
             single = step_time(llama, 1)
         return single + step_time(llama, BATCH_ROWS) / BATCH_ROWS
 
     try:
-        return shapes if faster_setting(("row", "column"), token_time) == "column" else frozenset()
+        off, layout = faster_setting(candidates, token_time)
     finally:
-        for module, data in originals.items():
-            module.weight.data = data
+        if current[0] != "row":
+            row_major_weights(llama, shapes)
+    return off, shapes if layout == "column" else frozenset()
+
+
+def row_major_weights(model: nn.Module, shapes: Collection[Shape]) -> int:
+    """Undo `column_major_weights` for the weights of `shapes` (a probe's trial layout)."""
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and tuple(weight.shape) in shapes and not weight.is_contiguous():
+            weight.data = weight.data.contiguous()
+            changed += 1
+    return changed
 
 
 def weight_products(llama: LLaMA) -> list[tuple[Shape, float, torch.Tensor, torch.Tensor]]:
