@@ -7,15 +7,16 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from lit_adapter.errors import LitAdapterError
 
 
+@dataclass
 class DictConfig:
     """A dataclass config that reads and writes plain mappings (YAML files), refusing unknown keys by name."""
 
-    config_name = "config"  # how errors name a mapping of this kind
+    config_name: ClassVar[str] = "config"  # how errors name a mapping of this kind
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -30,7 +31,7 @@ class DictConfig:
 class ModelConfig(DictConfig):
     """Architecture hyper-parameters of a LLaMA model (Meta's `params.json` names where they exist)."""
 
-    config_name = "model config"
+    config_name: ClassVar[str] = "model config"
 
     name: str = "custom"
     vocab_size: int = 32000

@@ -14,7 +14,7 @@ The frozen CLIP tower itself (names, weights, transforms) is in `clip.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class VisualConfig(DictConfig):
     another size interpolates the position embeddings.
     """
 
-    config_name = "visual config"
+    config_name: ClassVar[str] = "visual config"
 
     clip_model: str = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"
