@@ -51,7 +51,6 @@ T = TypeVar("T")
 
 TOLERANCE = 0.05  # a measured setting replaces torch's default only when faster by more than this fraction
 BATCH_ROWS = 8  # the batch decode step the probes time besides a one-row step
-PROBE_ELEMENTS = 2**22  # the weight probes time at most this many elements of a weight (its first rows)
 PROBE_MAX_STEP = 0.25  # seconds: a model whose one-row decode step takes longer keeps the default kernels/layout
 
 _ACTIVE: list[CPUDecoding] = []  # entered contexts, innermost last
@@ -230,7 +229,7 @@ def probe_kernels_and_layout(llama: LLaMA) -> tuple[bool, frozenset[Shape]]:
     two settings interact (a BLAS matrix-vector kernel may want the other layout than oneDNN), so they are timed
     together. A model whose one-row step is slower than `PROBE_MAX_STEP` keeps the defaults: it is bound by memory
     bandwidth, and the probe would cost more than it could save."""
-    shapes = frozenset(shape for shape, *_ in weight_products(llama))
+    shapes = row_major_shapes(llama)
     if step_time(llama, 1) > PROBE_MAX_STEP:
         return False, frozenset()
     mkldnn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
@@ -267,21 +266,7 @@ def row_major_weights(model: nn.Module, shapes: Collection[Shape]) -> int:
     return changed
 
 
-def weight_products(llama: LLaMA) -> list[tuple[Shape, float, torch.Tensor, torch.Tensor]]:
-    """For each distinct (out, in) shape of the model's row-major CPU linear weights: (the shape, its share of a
-    one-row step's products, the weight's first rows, one input row [1, in])."""
-    counts = linear_shapes(llama)
-    generator = torch.Generator().manual_seed(0)
-    products: dict[Shape, tuple[Shape, float, torch.Tensor, torch.Tensor]] = {}
-    for module in llama.modules():
-        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
-            continue
-        shape = tuple(module.weight.shape)
-        if shape in products or not module.weight.is_contiguous():
-            continue
-        out, inp = shape
-        rows = min(out, max(1, PROBE_ELEMENTS // inp))  # the first rows stand for a large weight
-        weight = module.weight.detach()[:rows]
-        x = torch.randn(1, inp, generator=generator).to(weight.dtype)
-        products[shape] = (shape, counts[shape] * out / rows, weight, x)
-    return list(products.values())
+def row_major_shapes(llama: LLaMA) -> frozenset[Shape]:
+    """The (out, in) shapes of the model's CPU linear weights that are laid out row-major (contiguous)."""
+    return frozenset(tuple(m.weight.shape) for m in llama.modules()
+                     if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.is_contiguous())
