@@ -105,16 +105,15 @@ def fastest(candidates: Mapping[K, Callable[[], object]], tolerance: float = 0.0
             timer: Callable[[Callable[[], object]], float] = best_time) -> K:
     """The key of the candidate that runs fastest here and now, timed by `timer` in `rounds` alternating rounds.
 
-    The first candidate is the default: another wins only when it is the fastest of all and faster than the
-    default by more than `tolerance` (a fraction) in every round, so that noise (another process taking a core in
-    one round) keeps the default rather than picking at random.
+    The first candidate is the default. Another can win only when it is faster than the default by more than
+    `tolerance` (a fraction) in every round, so that noise (another process taking a core in one round) keeps the
+    default rather than picking at random; of those, the one whose slowest round is fastest wins. (Ranking by the
+    single best round instead would let one lucky round of a candidate that loses the other hide a steady winner.)
     """
     times = [{key: timer(run) for key, run in candidates.items()} for _ in range(rounds)]
     default = next(iter(candidates))
-    winner = min(candidates, key=lambda key: min(t[key] for t in times))
-    if all(t[winner] < t[default] * (1 - tolerance) for t in times):
-        return winner
-    return default
+    steady = [key for key in candidates if all(t[key] < t[default] * (1 - tolerance) for t in times)]
+    return min(steady, key=lambda key: max(t[key] for t in times)) if steady else default
 
 
 def bucket(n: int) -> int:

@@ -126,3 +126,16 @@ def test_silu_mul_values_and_gradients() -> None:
     grad = torch.randn(5, 7, dtype=torch.float64)
     expected = torch.autograd.grad(F.silu(a) * b, (a, b), grad)
     torch.testing.assert_close(torch.autograd.grad(ops.silu_mul(a, b), (a, b), grad), expected)
+
+
+def test_fastest_prefers_a_steady_winner_to_one_lucky_round() -> None:
+    # seconds each candidate takes in round 1 and round 2: "lucky" has the best single round but loses round 2
+    rounds = {"default": iter([10.0, 10.0]), "lucky": iter([5.0, 12.0]), "steady": iter([8.0, 8.5])}
+    candidates = {key: (lambda values=values: next(values)) for key, values in rounds.items()}
+    assert ops.fastest(candidates, tolerance=0.05, timer=lambda run: run()) == "steady"
+
+
+def test_fastest_keeps_the_default_when_no_candidate_wins_every_round() -> None:
+    rounds = {"default": iter([10.0, 10.0]), "lucky": iter([5.0, 12.0]), "close": iter([9.8, 9.0])}
+    candidates = {key: (lambda values=values: next(values)) for key, values in rounds.items()}
+    assert ops.fastest(candidates, tolerance=0.05, timer=lambda run: run()) == "default"

@@ -18,6 +18,11 @@ only when it is faster than torch's default by more than `TOLERANCE` in every ro
   values, shape and parameter), which some BLAS matrix-vector kernels read faster.
   These two interact, so the four combinations are timed together on the model's whole decode step: the one-row
   step plus the eight-row step divided by eight, since one layout serves both.
+- float32 products (per step, `Float32Products`): a half-precision linear computed as `linear(x.float(),
+  w.float()).to(half)` (the same products, summed in float32 as a half-precision kernel sums them) for the weight
+  shapes and row counts where that is faster. A processor without half-precision vector instructions runs bf16
+  products through slow emulation, several times slower than float32 ones plus the conversion; one with them
+  (AVX512-BF16, AMX) keeps its native kernels. Timed per weight shape at 1, 8 and 64 rows.
 
 A measurement reflects the machine as it is at that moment (a core held by another process favours one thread).
 The attention kernel is chosen apart from these, for every caller, by `lit_adapter.ops.AttentionPaths`. No library
@@ -33,6 +38,7 @@ generators included). Measured figures: benchmarks/README.md.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -41,17 +47,22 @@ from typing import Optional, TypeVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from lit_adapter.model import LLaMA
 from lit_adapter.ops import best_time, fastest
 
 Shape = tuple[int, int]  # (out_features, in_features) of a linear weight
-Settings = tuple[Optional[int], bool, frozenset[Shape]]
+RowClass = int  # the rows of a linear's input, as the nearest of ROW_CLASSES
+Settings = tuple[Optional[int], bool, frozenset[Shape], frozenset[tuple[Shape, RowClass]]]
 T = TypeVar("T")
 
 TOLERANCE = 0.05  # a measured setting replaces torch's default only when faster by more than this fraction
 BATCH_ROWS = 8  # the batch decode step the probes time besides a one-row step
 PROBE_MAX_STEP = 0.25  # seconds: a model whose one-row decode step takes longer keeps the default kernels/layout
+ROW_CLASSES = (1, BATCH_ROWS, 64)  # a token, a batch decode step, a prefill: where float32 products are timed
+HALF = (torch.bfloat16, torch.float16)
 
 _ACTIVE: list[CPUDecoding] = []  # entered contexts, innermost last
 _PROBED: dict[tuple, Settings] = {}  # per process: model shapes, dtype, threads -> measured settings
@@ -64,18 +75,21 @@ class CPUDecoding:
         threads: torch threads inside the context (None: leave the count as it is).
         one_row_kernels: oneDNN off around each forward pass of a single token (`step`).
         column_major: (out, in) shapes of the linear weights `prepare` lays out column-major.
+        float32_products: (weight shape, row class) pairs whose half-precision linears a step computes in float32.
     """
 
     def __init__(self, threads: Optional[int] = None, one_row_kernels: bool = False,
-                 column_major: Collection[Shape] = ()) -> None:
+                 column_major: Collection[Shape] = (),
+                 float32_products: Collection[tuple[Shape, RowClass]] = ()) -> None:
         self.threads = threads
         self.one_row_kernels = one_row_kernels
         self.column_major = frozenset(column_major)
+        self.float32_products = frozenset(float32_products)
         self._saved: list[tuple[int, bool]] = []
 
     def __repr__(self) -> str:
         return (f"CPUDecoding(threads={self.threads}, one_row_kernels={self.one_row_kernels}, "
-                f"column_major={sorted(self.column_major)})")
+                f"column_major={sorted(self.column_major)}, float32_products={sorted(self.float32_products)})")
 
     @classmethod
     def for_model(cls, model: nn.Module) -> CPUDecoding:
@@ -111,15 +125,43 @@ class CPUDecoding:
     @contextmanager
     def step(self, tokens: torch.Tensor) -> Iterator[None]:
         """Around one forward pass over `tokens` [B, T]: the per-step settings, while this context is entered."""
-        single = tokens.numel() == 1 and tokens.device.type == "cpu"
-        if not (self.one_row_kernels and single and self in _ACTIVE and torch.backends.mkldnn.enabled):
+        if self not in _ACTIVE or tokens.device.type != "cpu":
             yield
             return
-        torch.backends.mkldnn.enabled = False
-        try:
+        one_row = self.one_row_kernels and tokens.numel() == 1 and torch.backends.mkldnn.enabled
+        # the step's linears see B * T rows, the classifier of the last position B
+        classes = {row_class(tokens.numel()), row_class(tokens.shape[0])}
+        products = frozenset(pair for pair in self.float32_products if pair[1] in classes)
+        with mkldnn_enabled(False) if one_row else nullcontext(), \
+                Float32Products(products) if products else nullcontext():
             yield
-        finally:
-            torch.backends.mkldnn.enabled = True
+
+
+class Float32Products(TorchFunctionMode):
+    """While entered: half-precision `F.linear` calls whose (weight shape, row class) is chosen run in float32."""
+
+    def __init__(self, chosen: Collection[tuple[Shape, RowClass]]) -> None:
+        super().__init__()
+        self.chosen = frozenset(chosen)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args[0].dtype in HALF:
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            if (tuple(weight.shape), row_class(x.numel() // x.shape[-1])) in self.chosen:
+                return float32_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear` of half-precision tensors with the products summed in float32, rounded back to x's dtype."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def row_class(rows: int) -> RowClass:
+    """The member of ROW_CLASSES nearest to `rows` on a log scale."""
+    return min(ROW_CLASSES, key=lambda size: abs(math.log(max(rows, 1) / size)))
 
 
 def active() -> Optional[CPUDecoding]:
@@ -189,11 +231,30 @@ def call(measure: Callable[[], float]) -> float:
 
 @torch.inference_mode()
 def probe(llama: LLaMA) -> Settings:
-    """Measure (threads, one_row_kernels, column_major) for this model on this machine."""
+    """Measure (threads, one_row_kernels, column_major, float32_products) for this model on this machine."""
     threads = probe_threads(llama)
     with thread_count(threads or torch.get_num_threads()):
         one_row, layout = probe_kernels_and_layout(llama)
-        return threads, one_row, layout
+        return threads, one_row, layout, probe_float32_products(llama)
+
+
+def probe_float32_products(llama: LLaMA) -> frozenset[tuple[Shape, RowClass]]:
+    """The (weight shape, row class) pairs whose half-precision product is faster computed in float32: each
+    distinct linear weight of the model times `F.linear` against `float32_linear` on inputs of each row class."""
+    chosen = set()
+    weights = {tuple(m.weight.shape): m.weight for m in llama.modules()
+               if isinstance(m, nn.Linear) and m.weight.dtype in HALF and m.weight.device.type == "cpu"}
+    for shape, weight in weights.items():
+        for rows in ROW_CLASSES:
+            x = torch.randn(rows, shape[1], dtype=weight.dtype)
+            if faster_setting((False, True), partial(product_time, x, weight)):
+                chosen.add((shape, rows))
+    return frozenset(chosen)
+
+
+def product_time(x: torch.Tensor, weight: torch.Tensor, in_float32: bool) -> float:
+    linear = float32_linear if in_float32 else F.linear
+    return best_time(lambda: linear(x, weight), repeats=2, min_seconds=2e-3, budget_seconds=0.05)
 
 
 def step_time(llama: LLaMA, rows: int) -> float:
@@ -267,6 +328,9 @@ def row_major_weights(model: nn.Module, shapes: Collection[Shape]) -> int:
 
 
 def row_major_shapes(llama: LLaMA) -> frozenset[Shape]:
-    """The (out, in) shapes of the model's CPU linear weights that are laid out row-major (contiguous)."""
+    """The (out, in) shapes of the model's float32 CPU linear weights that are laid out row-major (contiguous).
+    Only float32 products go through the BLAS matrix-vector kernels a layout can help; the half-precision kernels
+    (oneDNN's or torch's own) run far slower on a transposed weight, so a bf16 model's trial would cost seconds."""
     return frozenset(tuple(m.weight.shape) for m in llama.modules()
-                     if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.is_contiguous())
+                     if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.is_contiguous()
+                     and m.weight.dtype == torch.float32)

@@ -159,6 +159,7 @@ def test_for_model_measures_once_and_chooses_among_the_candidates(stories260k_di
     assert model._rope is None  # and keeps no tensor made in inference mode on the model
     assert decoding.threads in (None, 1) and isinstance(decoding.one_row_kernels, bool)
     assert decoding.column_major <= set(linear_shapes(model))
+    assert decoding.float32_products == frozenset()  # a float32 model has no half-precision products
     again = CPUDecoding.for_model(load_model(stories260k_dir))
     assert len(calls) == 1 and repr(again) == repr(decoding)  # measured once per process and model shape
     torch.set_num_threads(1)
@@ -168,3 +169,39 @@ def test_for_model_measures_once_and_chooses_among_the_candidates(stories260k_di
 def test_for_model_off_the_cpu_is_a_no_op():
     decoding = CPUDecoding.for_model(meta_model(ModelConfig.from_name("tiny")))
     assert (decoding.threads, decoding.one_row_kernels, decoding.column_major) == (None, False, frozenset())
+    assert decoding.float32_products == frozenset()
+
+
+def test_row_classes_round_on_a_log_scale():
+    assert [cpu.row_class(rows) for rows in (1, 2, 3, 8, 20, 22, 23, 64, 4096)] == [1, 1, 8, 8, 8, 8, 64, 64, 64]
+
+
+def test_float32_products_for_the_chosen_shapes_and_rows_only():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    decoding = CPUDecoding(float32_products=[((32, 64), 8)])
+    batch, token = torch.randn(8, 1, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    in_float32 = torch.nn.functional.linear(batch.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+    native, native_token = linear(batch), linear(token)
+    full = torch.nn.Linear(64, 32)
+    with decoding:
+        with decoding.step(torch.zeros(8, 1, dtype=torch.long)):
+            assert torch.equal(linear(batch), in_float32) and linear(batch).dtype == torch.bfloat16
+            assert torch.equal(linear(token), native_token)  # one row: not chosen
+            assert torch.equal(full(batch.float()), torch.nn.functional.linear(batch.float(), full.weight, full.bias))
+        with decoding.step(torch.zeros(1, 1, dtype=torch.long)):  # a one-row step enters no mode
+            assert torch.equal(linear(batch), native)
+    with decoding.step(torch.zeros(8, 1, dtype=torch.long)):  # not entered: no effect
+        assert torch.equal(linear(batch), native)
+    torch.testing.assert_close(in_float32.float(), native.float(), rtol=0.02, atol=0.02)  # the same up to rounding
+
+
+def test_float32_products_keep_greedy_tokens(stories260k_dir, tokenizer):
+    model = load_model(stories260k_dir, dtype=torch.bfloat16)
+    shapes = set(linear_shapes(model))
+    everything = CPUDecoding(float32_products=[(shape, rows) for shape in shapes for rows in cpu.ROW_CLASSES])
+    prompt = torch.tensor(tokenizer.encode("Once upon a time", bos=True))
+    expected = list(generate_tokens(model.float(), prompt, 12))
+    model.bfloat16()
+    with everything:  # bf16 weights, float32 sums: the float32 model's greedy tokens
+        assert list(generate_tokens(model, prompt, 12)) == expected
