@@ -20,6 +20,9 @@ setup(
         "jsonargparse[signatures]>=4.32",
         "open_clip_torch>=2.24",
         "sentencepiece>=0.2",
+        "tokenizers>=0.19",  # tokenizer.json (byte-level BPE of Llama 3, Qwen, Mistral-Nemo, Falcon)
+        "jinja2>=3.1.6",  # Hugging Face chat templates (3.1.6: the sandbox fixes transformers also requires)
+        "huggingface_hub>=0.23",  # `lit-adapter download ORG/NAME`
         "torchmetrics>=1.4",
         "safetensors>=0.4",
         "pyyaml>=6",
@@ -29,8 +32,14 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13", "ruff>=0.5"],
+        # torchaudio 2.11 requires torch>=2.11 only: it leaves CI's torch in place
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13", "ruff>=0.5", "av>=12",
+                 "plyfile>=1.0", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30"],
         "ocr": ["pytesseract>=0.3"],
+        # ImageBind-LLM's decoders and filterbanks (torchaudio 2.11 leaves any torch >= 2.11 in place)
+        "imagebind": ["av>=12", "plyfile>=1.0", "torchaudio==2.11.*"],
+        "retrieval": ["faiss-cpu>=1.8"],
+        "diffusion": ["diffusers>=0.30", "transformers>=4.45"],  # image output (Stable unCLIP)
     },
     entry_points={"console_scripts": ["lit-adapter=lit_adapter.cli:main"]},
 )

@@ -1,8 +1,8 @@
-"""The checkpoint folder every command reads: `model.safetensors`, `model_config.yaml`, `tokenizer.model`."""
+"""The checkpoint folder every command reads: `model.safetensors`, `model_config.yaml`, the tokenizer (`tokenizer.model`
+or `tokenizer.json`, with the Hugging Face files beside it)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
@@ -11,10 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from lit_adapter.config import ModelConfig
+from lit_adapter.config import ModelConfig, check_model_config_fields
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import atomic_path, load_yaml, save_yaml  # noqa: F401  (the checkpoint folder's YAML files)
 from lit_adapter.model import LLaMA
+from lit_adapter.tokenizer import copy_tokenizer, find_tokenizer_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -46,9 +47,8 @@ def save_checkpoint(
     check_state_dict(tensors, config, source=str(out_dir))
     save_tensors(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     save_yaml(config.to_dict(), out_dir / CONFIG_FILE)
-    if tokenizer is not None and Path(tokenizer).resolve() != (out_dir / TOKENIZER_FILE).resolve():
-        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
-            shutil.copyfile(tokenizer, tmp)
+    if tokenizer is not None:  # tokenizer.model or tokenizer.json, with the Hugging Face files beside it
+        copy_tokenizer(tokenizer, out_dir)
     return out_dir
 
 
@@ -110,16 +110,22 @@ def load_config(checkpoint_dir: PathLike) -> ModelConfig:
     path = checkpoint_dir / CONFIG_FILE
     if not path.is_file():
         raise LitAdapterError(f"{path}: missing; is {checkpoint_dir} a folder written by `lit-adapter convert`?")
+    data = load_yaml(path)
+    check_model_config_fields(data, source=str(path))
     try:
-        return ModelConfig.from_dict(load_yaml(path), source=str(path))
-    except TypeError as err:
+        return ModelConfig.from_dict(data, source=str(path))
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise LitAdapterError(f"{path}: {err}; fix the file or convert the checkpoint again") from None
+    except LitAdapterError as err:  # the dataclass's own checks (dim and heads) name the config, not the file
         raise LitAdapterError(f"{path}: {err}") from None
 
 
 def tokenizer_path(checkpoint_dir: PathLike) -> Path:
-    path = require_checkpoint_dir(checkpoint_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise LitAdapterError(f"{path}: tokenizer missing; convert again with `--tokenizer FILE`")
+    """The folder's tokenizer.model, else its tokenizer.json."""
+    path = find_tokenizer_file(require_checkpoint_dir(checkpoint_dir))
+    if path is None:
+        raise LitAdapterError(f"{Path(checkpoint_dir) / TOKENIZER_FILE}: tokenizer missing (no tokenizer.model or "
+                              "tokenizer.json); convert again with `--tokenizer FILE`")
     return path
 
 

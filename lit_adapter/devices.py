@@ -8,14 +8,41 @@ from typing import Iterator
 
 import torch
 
+from lit_adapter.errors import LitAdapterError
+
 PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str) -> torch.device:
-    """"auto" is the first GPU when there is one, else the CPU."""
+    """"auto" is the first GPU when there is one, else the CPU; otherwise a device this machine has."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in DEVICE_TYPES:
+        raise LitAdapterError(f"--device {device}: not a device lit-adapter runs on; pass cpu, cuda, cuda:N, mps "
+                              "or auto")
+    check_available(chosen, device)
+    return chosen
+
+
+def check_available(device: torch.device, spelled: str) -> None:
+    """Fail with one line when this machine lacks `device` (rather than later, blaming a file loaded onto it)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LitAdapterError(f"--device {spelled}: this machine has no CUDA GPU that torch can use; pass "
+                                  "--device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise LitAdapterError(f"--device {spelled}: this machine has {count} CUDA GPU(s) (cuda:0 to "
+                                  f"cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LitAdapterError(f"--device {spelled}: Apple's MPS is not available here; pass --device cpu (or auto)")
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -24,6 +51,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+    if precision not in PRECISION_DTYPES:
+        raise LitAdapterError(f"--precision {precision}: expected auto or one of {', '.join(PRECISION_DTYPES)}")
     return PRECISION_DTYPES[precision]
 
 

@@ -1,7 +1,13 @@
-"""Fetch a known small checkpoint (stories260K), check its sha256 and convert it into a cached checkpoint folder.
+"""`lit-adapter download`: a known small checkpoint (stories260K, sha256-checked) or a Hugging Face Hub repository
+(ORG/NAME), converted into a cached checkpoint folder.
 
-Environment: LIT_ADAPTER_DOWNLOAD_URL replaces the download location (a mirror, or a file:// folder);
-LIT_ADAPTER_CACHE replaces the cache root (~/.cache/lit-adapter); LIT_ADAPTER_ASSETS, when set, lets
+A Hub repository is fetched through `huggingface_hub` into its own cache (resumable; only the safetensors weights,
+config and tokenizer files), then converted with `lit-adapter convert`. HF_TOKEN authorises gated and private
+repositories; with HF_HUB_OFFLINE=1 the cached snapshot is used and nothing is fetched; HF_HUB_CACHE / HF_HOME place
+the Hub cache as huggingface_hub places it.
+
+Environment: LIT_ADAPTER_DOWNLOAD_URL replaces the download location of a known model (a mirror, or a file://
+folder); LIT_ADAPTER_CACHE replaces the cache root (~/.cache/lit-adapter); LIT_ADAPTER_ASSETS, when set, lets
 `stories260k_checkpoint` use a local copy of the files instead of downloading them.
 """
 
@@ -10,16 +16,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from lit_adapter.errors import LitAdapterError
-from lit_adapter.files import atomic_path
+from lit_adapter.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.files import atomic_path, load_yaml, save_yaml, temporary_dir
+from lit_adapter.tokenizer import find_tokenizer_file
 
 
 @dataclass(frozen=True)
@@ -42,21 +48,35 @@ KNOWN_MODELS = {
     ),
 }
 CHUNK = 1 << 16
+# what a Hub download fetches: the weights as safetensors, the model's config, the tokenizer and its files
+HUB_FILES = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+]
+SOURCE_FILE = "download.yaml"  # in a converted Hub checkpoint: the repository and commit it was made from
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LIT_ADAPTER_CACHE") or Path.home() / ".cache" / "lit-adapter")
 
 
-def download(name: str = "stories260K", out_dir: Optional[Path] = None, base_url: Optional[str] = None) -> Path:
-    """Download a known small model, check its sha256 and convert it into a checkpoint folder.
+def download(
+    name: str = "stories260K", out_dir: Optional[Path] = None, base_url: Optional[str] = None, revision: str = "main"
+) -> Path:
+    """Download a known small model (sha256-checked) or a Hugging Face Hub repository and convert it into a
+    checkpoint folder.
 
     Args:
-        name: the model to fetch; known: stories260K.
-        out_dir: the checkpoint folder to write; default: the cache ($LIT_ADAPTER_CACHE or ~/.cache/lit-adapter)/NAME.
-        base_url: where the files are (http(s):// or file://); default: $LIT_ADAPTER_DOWNLOAD_URL, else the
-            model's public location.
+        name: stories260K, or a Hub repository ORG/NAME (e.g. Qwen/Qwen2.5-0.5B-Instruct; HF_TOKEN for gated ones,
+            HF_HUB_OFFLINE=1 to use the local Hugging Face cache only).
+        out_dir: the checkpoint folder to write; default: the cache ($LIT_ADAPTER_CACHE or ~/.cache/lit-adapter)/NAME
+            (Hub repositories: .../hf/ORG/NAME).
+        base_url: where a known model's files are (http(s):// or file://); default: $LIT_ADAPTER_DOWNLOAD_URL, else
+            the model's public location.
+        revision: a Hub repository's branch, tag or commit.
     """
+    if name not in KNOWN_MODELS and "/" in name:
+        return download_hub(name, Path(out_dir) if out_dir is not None else None, revision)
     model = known_model(name)
     out_dir = Path(out_dir) if out_dir is not None else cache_dir() / name
     base_url = base_url or os.environ.get("LIT_ADAPTER_DOWNLOAD_URL") or model.url
@@ -86,7 +106,10 @@ def stories260k_checkpoint() -> Path:
 
 def known_model(name: str) -> KnownModel:
     if name not in KNOWN_MODELS:
-        raise LitAdapterError(f"unknown model {name!r} to download; known: {', '.join(KNOWN_MODELS)}")
+        raise LitAdapterError(
+            f"unknown model {name!r} to download; known: {', '.join(KNOWN_MODELS)}, or a Hugging Face Hub repository "
+            "ORG/NAME"
+        )
     return KNOWN_MODELS[name]
 
 
@@ -95,7 +118,8 @@ def join_url(base_url: str, filename: str) -> str:
 
 
 def is_checkpoint(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE))
+    files = (CONFIG_FILE, WEIGHTS_FILE)
+    return all((folder / name).is_file() for name in files) and find_tokenizer_file(folder) is not None
 
 
 def sha256_of(path: Path) -> str:
@@ -149,13 +173,22 @@ def convert_once(weights: Path, tokenizer: Path, folder: Path) -> Path:
 
     if is_checkpoint(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         _, config, state_dict = load_source(weights)
         save_checkpoint(tmp, state_dict, config, tokenizer)
-        if folder.exists() and not is_checkpoint(folder):
-            shutil.rmtree(folder)  # a leftover of an interrupted older layout
+
+    return write_atomically(folder, write)
+
+
+def write_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> Path:
+    """`write` fills a temporary sibling folder, which is then renamed to `folder`; `replace` lets a complete folder
+    already there give way (a newer revision)."""
+    tmp = temporary_dir(folder)  # the modes the umask gives (mkdtemp's would be private)
+    try:
+        write(tmp)
+        if folder.exists() and (replace or not is_checkpoint(folder)):
+            shutil.rmtree(folder)  # an older revision, or a leftover of an interrupted older layout
         try:
             os.rename(tmp, folder)
         except OSError as err:
@@ -164,3 +197,67 @@ def convert_once(weights: Path, tokenizer: Path, folder: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def hub_cache() -> Optional[str]:
+    """The Hugging Face cache as huggingface_hub places it, read now (the library reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+
+
+def download_hub(repo_id: str, out_dir: Optional[Path] = None, revision: str = "main") -> Path:
+    """Fetch (or, offline, find in the cache) a Hub repository's snapshot and convert it once per commit."""
+    folder = out_dir or cache_dir() / "hf" / repo_id
+    snapshot = fetch_snapshot(repo_id, revision)
+    source = {"repo_id": repo_id, "commit": snapshot.name}
+    if is_checkpoint(folder) and (folder / SOURCE_FILE).is_file() and load_yaml(folder / SOURCE_FILE) == source:
+        print(f"{repo_id} checkpoint folder (already converted): {folder}")
+        return folder
+    if not (snapshot / "config.json").is_file() or not any(snapshot.glob("*.safetensors")):
+        raise LitAdapterError(
+            f"{repo_id}: the snapshot {snapshot} has no config.json and safetensors weights (only safetensors are "
+            "downloaded); convert a local copy with `lit-adapter convert FOLDER`"
+        )
+    from lit_adapter.convert import convert
+
+    def write(tmp: Path) -> None:
+        convert(snapshot, tmp)
+        save_yaml(source, tmp / SOURCE_FILE)
+
+    write_atomically(folder, write, replace=True)
+    print(f"{repo_id} checkpoint folder: {folder}")
+    return folder
+
+
+def fetch_snapshot(repo_id: str, revision: str) -> Path:
+    """The snapshot folder of `repo_id` at `revision` in the Hugging Face cache (downloaded unless offline)."""
+    try:
+        from huggingface_hub import errors as hub_errors
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LitAdapterError("downloading from the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    offline = hub_offline()
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=hub_cache(),
+                                 local_files_only=offline)
+    except hub_errors.GatedRepoError:
+        raise LitAdapterError(f"{repo_id}: a gated repository; accept its licence on huggingface.co and set HF_TOKEN "
+                              "to a token of that account") from None
+    except hub_errors.RevisionNotFoundError:
+        raise LitAdapterError(f"{repo_id}: revision {revision!r} not found") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise LitAdapterError(f"{repo_id}: repository not found on the Hub (a private one needs HF_TOKEN)") from None
+    except hub_errors.LocalEntryNotFoundError as err:
+        where = hub_cache() or "the Hugging Face cache"
+        if offline:
+            raise LitAdapterError(f"{repo_id}: revision {revision!r} is not in {where} and HF_HUB_OFFLINE=1 forbids "
+                                  "downloading; download it once online or unset HF_HUB_OFFLINE") from None
+        raise LitAdapterError(f"{repo_id}: cannot reach the Hub and not in {where} ({first_line(err)})") from None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as err:
+        raise LitAdapterError(f"{repo_id}: download failed ({first_line(err)}); run again to resume") from None
+    return Path(path)

@@ -1,17 +1,22 @@
 """Reading and writing the small files every room uses: JSON and YAML with one-line errors, atomic writes.
 
 An atomic write goes to a temporary file beside the target and replaces it in one rename, so a reader (or a run
-killed mid-write) never sees half a file; the new file gets the modes the umask gives (not mkstemp's 0600).
+killed mid-write) never sees half a file. Modes are those `open()` and `mkdir()` give: a new file gets 0666 less the
+umask (0644 under umask 022, not mkstemp's 0600), a replaced file keeps its mode, and a folder made through
+`temporary_dir` gets 0777 less the umask (not mkdtemp's 0700). The temporary names are `.NAME.XXXXXXXX.tmp`: a write
+killed midway leaves one behind, which `remove_stale_temporaries` recognises.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import yaml
 
@@ -20,26 +25,97 @@ from lit_adapter.errors import LitAdapterError, first_line
 PathLike = Union[str, Path]
 
 
-def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+TEMP_SUFFIX = ".tmp"
+# what tempfile.mkstemp / mkdtemp make of prefix ".NAME." and suffix ".tmp": 8 characters of its alphabet in between
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (setting it to read it, the only portable
+    way, would briefly give any file another thread creates meanwhile the wrong modes)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode `mkdir()` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~umask()
 
 
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
+    """Yields a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes.
+
+    The result has the mode `open(path, "w")` would leave: the mode of the file it replaces, else 0666 less the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, _umask_mode())
+        try:
+            mode = path.stat().st_mode & 0o7777 if path.is_file() else file_mode()
+        except OSError:
+            mode = file_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temporary_dir(folder: PathLike) -> Path:
+    """A new empty folder beside `folder` (`.NAME.XXXXXXXX.tmp`) with the mode `mkdir()` gives, to be filled and then
+    renamed onto `folder`; the caller removes it when that fails."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TEMP_SUFFIX, dir=folder.parent))
+    os.chmod(tmp, folder_mode())
+    return tmp
+
+
+def temporary_target(name: str) -> Optional[str]:
+    """The name a temporary of `atomic_path` or `temporary_dir` stands for (".last.ckpt.ab12cd34.tmp" ->
+    "last.ckpt"), or None for any other name."""
+    match = _TEMPORARY.match(name)
+    return match["name"] if match else None
+
+
+def remove_stale_temporaries(folder: PathLike, targets: Optional[Callable[[str], bool]] = None) -> list[Path]:
+    """Remove what killed writes left in `folder`: the temporaries of `atomic_path` / `temporary_dir` (those whose
+    target name `targets` accepts, default all). Only for a folder no other process is writing into now. Returns
+    what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        target = temporary_target(entry.name)
+        if target is None or (targets is not None and not targets(target)):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed
 
 
 def write_text(text: str, path: PathLike) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lit_adapter.errors import LitAdapterError, first_line
 
@@ -20,7 +20,9 @@ def open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    # PIL's decoders fail in many ways on a damaged body (OSError, ValueError, SyntaxError, struct and zlib errors,
+    # DecompressionBombError): all of them mean this file cannot be used
+    except Exception as err:
         message = f"{path}: cannot read image ({first_line(err)}); pass a PNG, JPEG or other PIL-readable file"
         raise LitAdapterError(message) from None
 

@@ -4,6 +4,11 @@ References: LLaMA (Touvron et al., 2023, arXiv:2302.13971) and Meta's `llama/mod
 checkpoints (`layers.{i}.attention.wq`, `feed_forward.w1`, ...), so Meta and official LLaMA-Adapter state dicts map
 onto this model key for key. Fast kernels (the attention paths, SwiGLU's memory-saving backward) are in `ops.py`.
 
+The other decoder families are the same model with a few `ModelConfig` fields, each read on the line where it acts:
+Llama 3 (`rope_scaling`, Llama 3.1, arXiv:2407.21783), Mistral (as LLaMA), Qwen2 (`linear_bias` on wq/wk/wv),
+Qwen3 (`qk_norm`), Falcon (`norm` layernorm, `mlp` gelu, `parallel_residual`, `shared_norm`; Almazrouei et al.,
+2023, arXiv:2311.16867).
+
 Adapters never copy this file. Attention has one seam, `Attention.adaption_prompt`: when an adapter module is
 attached there, its gated prompt term (LLaMA-Adapter's zero-init attention over adaption prompts) is added to the
 attention output:
@@ -13,10 +18,12 @@ attention output:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lit_adapter import ops
 from lit_adapter.config import ModelConfig
@@ -40,11 +47,56 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def build_rope(seq_len: int, head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Rotations e^(i p theta^(-2j / head_dim)) as a complex64 table [seq_len, head_dim // 2] (Meta's freqs_cis)."""
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis, computed in float32 (Falcon)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), weight.shape, weight, bias, self.eps).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}  # ModelConfig.norm -> its module
+
+
+def build_rope(
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: Optional[torch.device] = None,
+    scaling: Optional[dict] = None,
+) -> torch.Tensor:
+    """Rotations e^(i p theta^(-2j / head_dim)) as a complex64 table [seq_len, head_dim // 2] (Meta's freqs_cis);
+    with `scaling` (ModelConfig.rope_scaling), the frequencies first rescaled as Llama 3.1 does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling by wavelength band, for a context `factor` times the original one.
+
+    Short wavelengths (under original_max_seq_len / high_freq_factor) are kept, long ones (over original_max_seq_len
+    / low_freq_factor) are divided by `factor`, and the band between blends the two linearly in
+    original_max_seq_len / wavelength.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_seq_len"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -73,17 +125,22 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE on queries and keys; n_kv_heads = n_heads is multi-head attention."""
+    """Grouped-query attention with RoPE on queries and keys; n_kv_heads = n_heads is multi-head attention,
+    n_kv_heads = 1 multi-query attention (Falcon-7B)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        bias = config.linear_bias
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias="wq" in bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias="wk" in bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias="wv" in bias)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias="wo" in bias)
+        # Qwen3: an RMSNorm over each head of q and of k (weights [head_dim], shared by the heads)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         # The adapter seam: a module called as adaption_prompt(attention, q, visual_tokens, kv_cache), which returns
         # [B, n_heads, T, head_dim].
         self.adaption_prompt: Optional[nn.Module] = None
@@ -101,6 +158,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE (Qwen3)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v, end=mask.shape[-1])  # (B, n_kv, S, hs): the positions so far
@@ -111,40 +170,56 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU w2(silu(w1 x) * w3 x) (`mlp: swiglu`), or the GELU MLP w2(gelu(w1 x)) of Falcon (`mlp: gelu`, no w3)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        bias = config.linear_bias
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias="w1" in bias)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias="w2" in bias)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias="w3" in bias) if config.mlp == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x)))  # (B, T, dim), exact (erf) GELU
         return self.w2(ops.silu_mul(self.w1(x), self.w3(x)))  # (B, T, dim)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: h = x + attention(norm(x)), out = h + feed_forward(norm(h))."""
+    """Pre-norm residual block: h = x + attention(norm(x)), out = h + feed_forward(norm(h)).
+
+    With `parallel_residual` (Falcon) attention and MLP both read x: out = x + attention(norm(x)) + feed_forward(
+    norm'(x)), where norm' is `ffn_norm`, or with `shared_norm` the attention's own norm (Falcon-7B has one norm).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.parallel_residual = config.parallel_residual
+        self.attention_norm = NORMS[config.norm](config.dim, config.norm_eps)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = None if config.shared_norm else NORMS[config.norm](config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, **attention_kwargs)
+        normed = self.attention_norm(x)
+        attention = self.attention(normed, rope, **attention_kwargs)
+        if self.parallel_residual:
+            mlp_input = normed if self.ffn_norm is None else self.ffn_norm(x)
+            return x + (self.feed_forward(mlp_input) + attention)
+        h = x + attention
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class LLaMA(nn.Module):
+    """The decoder of every family: token embedding, `n_layers` blocks, final norm, classifier (the embedding's own
+    weight with `tie_embeddings`)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = NORMS[config.norm](config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -192,8 +267,8 @@ class LLaMA(nn.Module):
 
     def rope(self, seq_len: int, device: torch.device) -> torch.Tensor:
         if self._rope is None or self._rope.shape[0] < seq_len or self._rope.device != device:
-            length = max(seq_len, self.config.max_seq_len)
-            self._rope = build_rope(length, self.config.head_dim, self.config.rope_theta, device)
+            length, c = max(seq_len, self.config.max_seq_len), self.config
+            self._rope = build_rope(length, c.head_dim, c.rope_theta, device, scaling=c.rope_scaling)
         return self._rope
 
     def set_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> None:
@@ -209,13 +284,16 @@ class LLaMA(nn.Module):
         self.kv_caches = None
 
     def reset_parameters(self) -> None:
-        """Random init for training from scratch or benchmarking (N(0, 0.02) linears/embedding, unit norms)."""
+        """Random init for training from scratch or benchmarking (N(0, 0.02) linears/embedding, zero biases, unit
+        norms)."""
         if self.config.tie_embeddings:  # `to_empty` on a meta-device model gives each module its own parameter
             self.output.weight = self.tok_embeddings.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, RMSNorm):
+                if getattr(module, "bias", None) is not None:  # Qwen2's q/k/v, Falcon's linears with bias: true
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, tuple(NORMS.values())):
                 module.reset_parameters()
 
 

@@ -3,14 +3,20 @@
 Every style turns an instruction (and an optional input) into the prompt the response follows, and splits a
 training example into segments marked as prompt (no loss) or response (loss). Styles: `alpaca` (the official
 Stanford Alpaca templates, verbatim), `alpaca_zh` (the same templates in Chinese), `chat` (the LLaMA-Adapter V2
-chat template: a system line, roles Human/Assistant, separator "###"), `raw` (the text as is).
+chat template: a system line, roles Human/Assistant, separator "###"), `raw` (the text as is) and `chat_template`
+(the checkpoint's own Hugging Face chat template, rendered as transformers renders it; it is bound to the model's
+tokenizer with `for_tokenizer`).
+
+The multi-turn styles (`chat`, `chat_template`) also take whole conversations: turns (human, reply) or OpenAI-style
+messages (`apply_messages`, `message_segments`), with the loss on every assistant reply.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Optional, Sequence
 
+from lit_adapter.chat_template import ChatTemplate, Message, assistant_spans, content_text
 from lit_adapter.errors import LitAdapterError
 
 # (text, supervised): one piece of a training example; supervised pieces carry the loss
@@ -38,6 +44,14 @@ class PromptStyle:
     with_input: str
     # text that ends a reply during generation (besides EOS)
     stop_sequences: tuple[str, ...] = ()
+    # whether the tokens get BOS (and, after a training response, EOS) added; a chat template writes its own
+    adds_special_tokens: bool = True
+    # whether the style takes whole conversations (apply_turns, apply_messages)
+    multi_turn: ClassVar[bool] = False
+
+    def for_tokenizer(self, tokenizer: Any) -> PromptStyle:
+        """The style ready for a model's tokenizer (only the checkpoint's chat template needs it)."""
+        return self
 
     def apply(self, instruction: str, input: str = "") -> str:
         """The prompt for `instruction` (and `input`); the response follows it directly."""
@@ -56,6 +70,7 @@ class ChatStyle(PromptStyle):
     system: str = CHAT_SYSTEM
     roles: tuple[str, str] = ("Human", "Assistant")
     separator: str = "###"
+    multi_turn: ClassVar[bool] = True
 
     def apply(self, instruction: str, input: str = "") -> str:
         return self.apply_turns([(_join(instruction, input), None)])
@@ -63,6 +78,13 @@ class ChatStyle(PromptStyle):
     def apply_turns(self, turns: Sequence[Turn], system: Optional[str] = None) -> str:
         """The whole conversation so far; when the last reply is missing it ends with "Assistant:" to be answered."""
         return "".join(text for text, _ in self.conversation_segments(turns, system))
+
+    def apply_messages(self, messages: Sequence[Message]) -> str:
+        """An OpenAI-style conversation (optional system message, then user/assistant turns), to be answered."""
+        turns, system = messages_to_turns(messages)
+        if not turns or turns[-1][1] is not None:
+            raise LitAdapterError("the last message must be the user's: it is the turn the model answers")
+        return self.apply_turns(turns, system)
 
     def conversation_segments(self, turns: Sequence[Turn], system: Optional[str] = None) -> list[Segment]:
         """Segments of a conversation: every assistant reply (with the separator that ends it) is supervised."""
@@ -79,8 +101,63 @@ class ChatStyle(PromptStyle):
             segments.append((prompt, False))
         return segments
 
+    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
+        return self.conversation_segments(*messages_to_turns(messages))
+
     def training_segments(self, instruction: str, input: str, output: str) -> list[Segment]:
         return self.conversation_segments([(_join(instruction, input), output)])
+
+
+@dataclass(frozen=True)
+class TemplateStyle(PromptStyle):
+    """The checkpoint's own chat template (tokenizer_config.json's `chat_template` or chat_template.jinja). A bare
+    instruction becomes one user message; the rendered text carries its own BOS and end-of-turn tokens."""
+
+    adds_special_tokens: bool = False
+    template: Optional[ChatTemplate] = None
+    multi_turn: ClassVar[bool] = True
+
+    def for_tokenizer(self, tokenizer: Any) -> TemplateStyle:
+        return replace(self, template=ChatTemplate.of_tokenizer(tokenizer))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self.template is None:
+            raise LitAdapterError(
+                f"prompt style {self.name!r} is the checkpoint's own chat template: bind it with the model's "
+                "tokenizer (for_tokenizer) first"
+            )
+        return self.template
+
+    def apply(self, instruction: str, input: str = "") -> str:
+        return self.apply_messages([{"role": "user", "content": _join(instruction, input)}])
+
+    def apply_turns(self, turns: Sequence[Turn], system: Optional[str] = None) -> str:
+        return self.apply_messages(turns_to_messages(turns, system))
+
+    def apply_messages(self, messages: Sequence[Message]) -> str:
+        """The conversation followed by the assistant header (`add_generation_prompt`), to be answered."""
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def conversation_segments(self, turns: Sequence[Turn], system: Optional[str] = None) -> list[Segment]:
+        return self.message_segments(turns_to_messages(turns, system))
+
+    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
+        """The rendered conversation cut into segments: each assistant message, with the end-of-turn text the
+        template puts after it, is supervised; everything else (headers, user and system text) is not."""
+        text, spans = assistant_spans(self.chat_template, messages)
+        segments: list[Segment] = []
+        position = 0
+        for start, end in spans:
+            segments += [(text[position:start], False), (text[start:end], True)]
+            position = end
+        segments.append((text[position:], False))
+        return [segment for segment in segments if segment[0]]
+
+    def training_segments(self, instruction: str, input: str, output: str) -> list[Segment]:
+        return self.message_segments(
+            [{"role": "user", "content": _join(instruction, input)}, {"role": "assistant", "content": output}]
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +170,38 @@ class RawStyle(PromptStyle):
 
 def _join(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
+
+
+def turns_to_messages(turns: Sequence[Turn], system: Optional[str] = None) -> list[Message]:
+    """(human, reply) turns as OpenAI-style messages; a missing last reply is left out (it is to be generated)."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    for human, reply in turns:
+        messages.append({"role": "user", "content": human})
+        if reply:
+            messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def messages_to_turns(messages: Sequence[Message]) -> tuple[list[Turn], Optional[str]]:
+    """OpenAI-style messages as (human, reply) turns and the system text: an optional system message first, then
+    user and assistant messages in turn (a last user message is the turn to answer)."""
+    system = None
+    if messages and messages[0].get("role") == "system":
+        system, messages = content_text(messages[0].get("content")), messages[1:]
+    turns: list[Turn] = []
+    for index, message in enumerate(messages):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise LitAdapterError(
+                f"message {index + (system is not None)}: the chat style takes a system message first, then user and "
+                f"assistant in turn, but found {message.get('role')!r} where {expected!r} belongs (roles such as tools "
+                "need --prompt_style chat_template)"
+            )
+        if expected == "user":
+            turns.append((content_text(message.get("content")), None))
+        else:
+            turns[-1] = (turns[-1][0], content_text(message.get("content")))
+    return turns, system
 
 
 ALPACA = PromptStyle(
@@ -122,7 +231,11 @@ CHAT = ChatStyle(name="chat", no_input="", with_input="", stop_sequences=("###",
 
 RAW = RawStyle(name="raw", no_input="{instruction}", with_input="{instruction}\n\n{input}")
 
-PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, ALPACA_ZH, CHAT, RAW)}
+CHAT_TEMPLATE = TemplateStyle(name="chat_template", no_input="", with_input="")
+
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    style.name: style for style in (ALPACA, ALPACA_ZH, CHAT, RAW, CHAT_TEMPLATE)
+}
 
 
 def get_prompt_style(name: str) -> PromptStyle:

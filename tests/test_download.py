@@ -97,3 +97,111 @@ def test_stories260k_checkpoint_checks_local_assets(mirror: Path, cache: Path, m
     with pytest.raises(LitAdapterError, match=r"tok512.model: sha256 .* does not match"):
         stories260k_checkpoint()
     assert not (cache / "stories260K").exists()
+
+
+# ---- Hugging Face Hub repositories (offline: a pre-populated huggingface_hub cache) ----
+
+HUB_REPO = "tiny-org/tiny-llama-chat"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hf_cache_with_repo(cache: Path, source: Path, repo_id: str = HUB_REPO, commit: str = COMMIT) -> Path:
+    """huggingface_hub's cache layout, as a download leaves it: blobs named by content hash, the snapshot's files as
+    relative symlinks to them, refs/main naming the commit."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hub_model(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random LlamaForCausalLM saved by transformers (safetensors) with a Llama-3-style tokenizer.json, its
+    tokenizer_config.json (chat template) and generation_config.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.chat_templates import LLAMA3
+    from tests.hf_tokenizer import CORPUS, save_tokenizer_folder, train_byte_level_bpe
+
+    folder = tmp_path_factory.mktemp("hub-source")
+    hf = train_byte_level_bpe(CORPUS, LLAMA3.specials, bos="<|begin_of_text|>")
+    stops = [hf.token_to_id("<|eot_id|>"), hf.token_to_id("<|end_of_text|>")]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=stops[1],
+        eos_token_id=stops,
+    )).eval()
+    model.save_pretrained(str(folder))
+    save_tokenizer_folder(folder, hf, bos="<|begin_of_text|>", eos="<|eot_id|>", chat_template=LLAMA3.source,
+                          eos_token_ids=stops)
+    return folder, model
+
+
+def test_download_from_a_prepopulated_hub_cache_offline(hub_model, tmp_path: Path, monkeypatch, capsys) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    source, hf_model = hub_model
+    hub = tmp_path / "hub"
+    hf_cache_with_repo(hub, source)
+    scan = scan_cache_dir(hub)  # huggingface_hub itself reads the cache we built
+    assert [r.repo_id for r in scan.repos] == [HUB_REPO] and not scan.warnings
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "LIT_ADAPTER_CACHE": str(tmp_path / "lit")}
+
+    result = run_cli("download", HUB_REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "lit" / "hf" / "tiny-org" / "tiny-llama-chat"
+    assert f"{HUB_REPO} checkpoint folder: {folder}" in result.stdout
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "download.yaml", "generation_config.json", "model.safetensors", "model_config.yaml", "tokenizer.json",
+        "tokenizer_config.json"]  # fmt: skip
+
+    from lit_adapter.checkpoint import load_model
+    from lit_adapter.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(folder)
+    ids = tokenizer.encode("Once upon a time 你好")
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits
+        got = load_model(folder)(torch.tensor([ids]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert set(tokenizer.stop_ids) == {tokenizer.token_id("<|eot_id|>"), tokenizer.token_id("<|end_of_text|>")}
+    assert tokenizer.chat_template is not None
+
+    stamp = (folder / WEIGHTS_FILE).stat().st_mtime_ns
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert download(HUB_REPO) == folder  # the same commit: not converted again
+    assert "already converted" in capsys.readouterr().out
+    assert (folder / WEIGHTS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_offline_download_of_an_uncached_repo_is_one_line(tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "LIT_ADAPTER_CACHE": str(tmp_path / "lit")}
+    result = run_cli("download", "nobody/nothing", env=env)
+    assert_cli_error(result, "nobody/nothing", "HF_HUB_OFFLINE=1", "not in")
+    assert not (tmp_path / "lit" / "hf").exists()
+
+
+def test_a_snapshot_without_safetensors_is_refused(hub_model, tmp_path: Path, monkeypatch) -> None:
+    source, _ = hub_model
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, partial / name)
+    hf_cache_with_repo(tmp_path / "hub", partial)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(LitAdapterError, match=f"{HUB_REPO}: the snapshot .* has no config.json and safetensors"):
+        download(HUB_REPO)

@@ -70,6 +70,6 @@ def test_raw_is_the_text_as_is():
 
 
 def test_unknown_style_lists_the_known_ones():
-    with pytest.raises(LitAdapterError, match="unknown prompt style 'vicuna'.*alpaca, alpaca_zh, chat, raw"):
+    with pytest.raises(LitAdapterError, match="unknown prompt style .vicuna.*alpaca, alpaca_zh, chat, raw, chat_temp"):
         get_prompt_style("vicuna")
-    assert set(PROMPT_STYLES) == {"alpaca", "alpaca_zh", "chat", "raw"}
+    assert set(PROMPT_STYLES) == {"alpaca", "alpaca_zh", "chat", "raw", "chat_template"}

@@ -136,6 +136,17 @@ class ClipEncoder(nn.Module):
     def train(self, mode: bool = True) -> ClipEncoder:
         return super().train(False)
 
+    # the encoder interface (lit_adapter.encoders.Encoder): one modality; every token or the global vector
+    modalities = ("vision",)
+    tokens = True
+
+    @property
+    def output(self) -> str:
+        return "tokens" if self.tokens else "global"
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"vision": self(inputs["vision"], all_tokens=self.tokens)}
+
     def _check_images(self, images: torch.Tensor) -> None:
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:

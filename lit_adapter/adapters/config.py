@@ -103,7 +103,7 @@ class AdapterConfig:
         """How many tokens the visual encoder gives per image (0 without one)."""
         if self.visual is None:
             return 0
-        return 1 if self.visual.mode == "global" else self.visual.visual_len
+        return self.visual.num_tokens
 
     def check_model(self, model: ModelConfig) -> None:
         """Fail with one line if this adapter cannot attach to `model`."""

@@ -1,8 +1,10 @@
 """Folding an adapter into plain linears: y = W' x + b' (linear.py's equation), for files and for loaded models.
 
 - `fold_adapter` / `merge` (the `lit-adapter merge` command): an adapter file's bias scales, LoRA and trained norms
-  go into the base weights of a new checkpoint folder; prompts, gates and biases remain as a small adapter.
-- `merge_linears`: the same fold on a loaded AdapterModel, in place, so decoding runs one matmul per linear.
+  go into the base weights of a new checkpoint folder; prompts, gates and biases remain as a small adapter. Where
+  the base linear has its own bias b0 (Qwen2, Falcon), the merged base holds s_out * b0 and the adapter s_out * b.
+- `merge_linears`: the same fold on a loaded AdapterModel, in place, so decoding runs one matmul per linear (its
+  bias is b0' + b').
 
 Both keep apart the LoRA that the prompts' keys/values must bypass (`unfolded_lora`), so they compute the same model.
 """
@@ -26,11 +28,20 @@ from lit_adapter.adapters.formats import (
     read_adapter,
     write_adapter,
 )
-from lit_adapter.adapters.linear import SCALE_SIDES, AdaptedLinear, fold_linear, linear_parent, lora_scaling, parent_of
+from lit_adapter.adapters.linear import (
+    SCALE_SIDES,
+    AdaptedLinear,
+    fold_linear,
+    linear_parent,
+    lora_scaling,
+    out_scaled,
+    parent_of,
+)
 from lit_adapter.adapters.model import AdapterModel, adapter_shapes
-from lit_adapter.checkpoint import TOKENIZER_FILE, load_config, load_weights, save_checkpoint
+from lit_adapter.checkpoint import load_config, load_weights, save_checkpoint
 from lit_adapter.config import ModelConfig
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.tokenizer import find_tokenizer_file
 
 # what merging leaves of each bias mode once the scales are folded into the base weights
 MERGED_BIAS_MODE = {"none": "none", "paper": "bias", "official_7b": "official_7b", "official_65b": "bias",
@@ -94,18 +105,22 @@ def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig) -> t
             if all(v is None for v in parts.values()):
                 continue
             fold_lora = name not in keep_lora
-            w, b = fold_linear(
-                weights[f"{stem}.weight"], bias=parts["bias"], scale=parts["scale"],
-                scale_side=SCALE_SIDES.get(config.bias_mode), lora_l1=parts["lora_l1"] if fold_lora else None,
-                lora_l2=parts["lora_l2"] if fold_lora else None, lora_scaling=scaling,
+            scale_side = SCALE_SIDES.get(config.bias_mode)
+            w, b0 = fold_linear(
+                weights[f"{stem}.weight"], scale=parts["scale"], scale_side=scale_side,
+                lora_l1=parts["lora_l1"] if fold_lora else None, lora_l2=parts["lora_l2"] if fold_lora else None,
+                lora_scaling=scaling, base_bias=weights.get(f"{stem}.bias"),
             )
             merged[f"{stem}.weight"] = w
-            if b is not None:
-                remaining[f"llama.{stem}.bias"] = b
+            if b0 is not None:
+                merged[f"{stem}.bias"] = b0  # the base's own bias, scaled as its output: s_out * b0
+            if parts["bias"] is not None:
+                remaining[f"llama.{stem}.bias"] = out_scaled(parts["bias"], parts["scale"], scale_side).to(
+                    parts["bias"].dtype)  # s_out * b
             if not fold_lora and parts["lora_l1"] is not None:
                 remaining[f"llama.{stem}.lora_l1"] = parts["lora_l1"]
                 remaining[f"llama.{stem}.lora_l2"] = parts["lora_l2"]
-    for key in [k for k in tensors if k.startswith("llama.") and k.endswith("norm.weight")]:
+    for key in [k for k in tensors if k.startswith("llama.") and k.endswith(("norm.weight", "norm.bias"))]:
         stem = key.removeprefix("llama.")
         merged[stem] = tensors.pop(key).to(weights[stem].dtype)
     remaining.update(tensors)
@@ -136,8 +151,7 @@ def merge(checkpoint_dir: Path, adapter: Path, out_dir: Path, adapter_len: Optio
     adapter_file = read_adapter(adapter, base, adapter_len)
     check_adapter_tensors(adapter_file, adapter_shapes(base, adapter_file.config))
     merged, remaining, rest = fold_adapter(load_weights(checkpoint_dir, base), adapter_file, base)
-    tokenizer = checkpoint_dir / TOKENIZER_FILE
-    save_checkpoint(out_dir, merged, base, tokenizer if tokenizer.is_file() else None)
+    save_checkpoint(out_dir, merged, base, find_tokenizer_file(checkpoint_dir))
     for stale in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         (out_dir / stale).unlink(missing_ok=True)
     if remaining:

@@ -30,9 +30,10 @@ from lit_adapter.checkpoint import load_config, load_model, meta_model
 from lit_adapter.config import ModelConfig
 from lit_adapter.devices import default_dtype
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.model import LLaMA, RMSNorm
+from lit_adapter.model import NORMS, LLaMA
 
 PathLike = Union[str, Path]
+NORM_MODULES = tuple(NORMS.values())
 
 
 class AdapterModel(nn.Module):
@@ -115,6 +116,9 @@ class AdapterModel(nn.Module):
     def reset_parameters(self) -> None:
         """Random base (as `LLaMA.reset_parameters`) and initial adapters, e.g. after meta-device construction."""
         self.llama.reset_parameters()
+        for module in self.llama.modules():
+            if isinstance(module, AdaptedLinear) and module.base_bias is not None:
+                nn.init.zeros_(module.base_bias)  # as the base's own biases (LLaMA.reset_parameters sees `bias`)
         self.reset_adapter_parameters()
 
 
@@ -135,9 +139,9 @@ def attach_adapters(llama: LLaMA, config: AdapterConfig, load_clip: bool = True)
     for module in llama.modules():
         if isinstance(module, (GatedPrompt, AdaptedLinear)):
             for name, param in module.named_parameters(recurse=False):
-                param.requires_grad_(name != "weight")
-        elif isinstance(module, RMSNorm) and config.train_norms:
-            module.weight.requires_grad_(True)
+                param.requires_grad_(name not in AdaptedLinear.FROZEN)
+        elif isinstance(module, NORM_MODULES) and config.train_norms:
+            module.requires_grad_(True)  # every norm: RMSNorm's weight, LayerNorm's weight and bias, q/k norms
     visual = _visual_adapter(config.visual, llama, load_clip) if config.visual is not None else None
     model = AdapterModel(llama, config, visual)
     model.adapter_names = [name for name, param in model.named_parameters() if param.requires_grad]

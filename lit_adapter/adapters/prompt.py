@@ -4,8 +4,9 @@ For token queries Q (RoPE applied), each prompt P of the layer adds one separate
 
     adaption_prompt(Q) = new_gate * sum_P act(gate_P) * softmax(Q K_P^T / sqrt(d)) V_P,    K_P = wk(P), V_P = wv(P)
 
-Prompt keys get no RoPE and no mask. With every gate at zero the term is exactly zero, so the adapted model starts
-as the frozen model. The prompts of a layer:
+Prompt keys get no RoPE and no mask (with `qk_norm`, K_P is normed per head by the layer's k_norm, as its keys
+are). With every gate at zero the term is exactly zero, so the adapted model starts as the frozen model. The prompts
+of a layer:
 - static: K learned tokens (V1, V2); under late fusion the visual tokens are added to them (official V2 code, V1
   multimodal with one global token repeated over the K positions);
 - visual: under early fusion (V2 paper), the visual tokens are a prompt of their own, with their own gate.
@@ -124,6 +125,8 @@ class GatedPrompt(nn.Module):
         shape = (batch, length, attention.n_kv_heads, attention.head_dim)
         keys = self.linear(attention.wk, tokens).view(shape).transpose(1, 2)
         values = self.linear(attention.wv, tokens).view(shape).transpose(1, 2)
+        if attention.k_norm is not None:  # qk_norm (Qwen3): prompt keys are normed per head like the layer's own
+            keys = attention.k_norm(keys)
         return keys, values
 
     def linear(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

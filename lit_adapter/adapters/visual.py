@@ -8,13 +8,17 @@ Mode "global" (LLaMA-Adapter V1 multimodal, ScienceQA): the CLIP global image em
 MLP (Linear -> GELU -> Linear; the paper names only "a learnable projection network") -> `visual_proj_norm`
 -> [B, 1, llama_dim].
 
-The frozen CLIP tower itself (names, weights, transforms) is in `clip.py`.
+Mode "bind" (ImageBind-LLM): the frozen ImageBind encoder's global embedding of each input (image, video, audio,
+depth, thermal, IMU, points), normalised and mixed by weight (`encoders.joint`; optionally blended with the cache
+`cache`) -> `bind`: a projection and three gated RMSNorm SwiGLU residual blocks -> [B, 1, llama_dim].
+
+The frozen encoders (names, weights, transforms) are in `lit_adapter.encoders` (open_clip: `clip.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,8 +35,11 @@ from lit_adapter.adapters.clip import (  # noqa: F401  (TINY_CLIP_MODEL, load_op
 )
 from lit_adapter.config import DictConfig
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.model import RMSNorm
 
-_MODES = ("tokens", "global")
+_MODES = ("tokens", "global", "bind")
+ENCODERS = ("open_clip", "imagebind")
+IMAGEBIND_DIM = 1024  # the joint embedding width of ImageBind (and of the scaled-down test encoders)
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +58,10 @@ class VisualConfig(DictConfig):
     for random init (OpenAI weights saved as a plain state dict need clip_model "ViT-L-14-quickgelu").
     `width`: the adapter's hidden width (None = the CLIP embedding width). `image_size`: None = the model's own size;
     another size interpolates the position embeddings.
+    `encoder`: "open_clip" (modes tokens, global) or "imagebind" (mode bind, weights from `encoder_weights`: an
+    official `imagebind_huge.pth` / `imagebind_w3D.pth` or a file in that layout; None = attach one later). Under
+    mode bind, `n_blocks` counts the bind network's blocks (official: 3) and `width` is their SwiGLU hidden width
+    (None = 4 x the LLaMA width).
     """
 
     config_name: ClassVar[str] = "visual config"
@@ -64,11 +75,19 @@ class VisualConfig(DictConfig):
     mlp_ratio: float = 4.0
     width: Optional[int] = None
     image_size: Optional[int] = None
+    encoder: str = "open_clip"
+    encoder_weights: Optional[str] = None
 
     def __post_init__(self) -> None:
-        clip_model_config(self.clip_model)
+        if self.encoder not in ENCODERS:
+            raise LitAdapterError(f"visual config: encoder {self.encoder!r} is not one of {list(ENCODERS)}")
         if self.mode not in _MODES:
             raise LitAdapterError(f"visual config: mode {self.mode!r} is not one of {list(_MODES)}")
+        if (self.mode == "bind") != (self.encoder == "imagebind"):
+            raise LitAdapterError(f"visual config: mode {self.mode!r} does not go with encoder {self.encoder!r} "
+                                  "(mode bind is ImageBind's, tokens and global open_clip's)")
+        if self.encoder == "open_clip":
+            clip_model_config(self.clip_model)
         for name in ("visual_len", "n_blocks", "block_heads"):
             if getattr(self, name) < 1:
                 raise LitAdapterError(f"visual config: {name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +104,7 @@ class VisualConfig(DictConfig):
 
     @property
     def embed_dim(self) -> int:
-        return clip_embed_dim(self.clip_model)
+        return IMAGEBIND_DIM if self.encoder == "imagebind" else clip_embed_dim(self.clip_model)
 
     @property
     def resolved_width(self) -> int:
@@ -93,6 +112,8 @@ class VisualConfig(DictConfig):
 
     @property
     def resolved_image_size(self) -> int:
+        if self.encoder == "imagebind":
+            return 224
         return self.image_size or clip_image_size(self.clip_model)
 
     @property
@@ -101,7 +122,40 @@ class VisualConfig(DictConfig):
         return self.visual_len if self.mode == "tokens" else 1
 
     def transform(self, train: bool) -> Callable:
+        if self.encoder == "imagebind":
+            from lit_adapter.media.vision import image_transform as imagebind_transform
+
+            return imagebind_transform(train)
         return image_transform(self.clip_model, train, self.image_size, self.clip_pretrained)
+
+
+class BindBlock(nn.Module):
+    """x + f2(silu(f1(n(x))) * f3(n(x))), n an RMSNorm (eps 1e-6), the linears bias-free."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=1e-6)
+        self.f1, self.f3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.f2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.f2(nn.functional.silu(self.f1(h)) * self.f3(h))
+
+
+class BindNetwork(nn.Module):
+    """ImageBind-LLM's bind network: `proj` (Linear with bias) then the residual `blocks`."""
+
+    def __init__(self, embed_dim: int, dim: int, hidden: int, n_blocks: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, dim)
+        self.blocks = nn.ModuleList(BindBlock(dim, hidden) for _ in range(n_blocks))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        x = self.proj(f)
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 
@@ -120,8 +174,11 @@ class VisualAdapter(nn.Module):
         self.config = config
         self.llama_dim = llama_dim
         self.register_module("clip", None)
+        self.cache = None  # bind mode: an encoders.joint.EmbeddingCache and its CacheSettings, set for inference
         embed, width = config.embed_dim, config.resolved_width
-        if config.mode == "tokens":
+        if config.mode == "bind":
+            self.bind = BindNetwork(embed, llama_dim, config.width or 4 * llama_dim, config.n_blocks)
+        elif config.mode == "tokens":
             from timm.models.vision_transformer import Block
 
             self.clip_proj = nn.Linear(embed, width)
@@ -135,18 +192,25 @@ class VisualAdapter(nn.Module):
             self.visual_proj = nn.Linear(width, llama_dim)
         else:
             self.visual_proj = nn.Sequential(nn.Linear(embed, width), nn.GELU(), nn.Linear(width, llama_dim))
-        self.visual_proj_norm = nn.LayerNorm(llama_dim)
+        if config.mode != "bind":
+            self.visual_proj_norm = nn.LayerNorm(llama_dim)
         if encoder is not None:
             self.attach_encoder(encoder)
-        elif load_clip:
-            self.attach_encoder(build_clip_encoder(config))
+        elif load_clip and (config.encoder == "open_clip" or config.encoder_weights is not None):
+            from lit_adapter.encoders import build_encoder
 
-    def attach_encoder(self, encoder: ClipEncoder) -> None:
+            self.attach_encoder(build_encoder(config))
+
+    def attach_encoder(self, encoder: nn.Module) -> None:
+        """The frozen encoder (kept as `clip` whichever it is); its embedding width must be the adapter's."""
         if encoder.embed_dim != self.config.embed_dim:
+            name = getattr(encoder, "clip_model", type(encoder).__name__)
             raise LitAdapterError(
-                f"CLIP encoder {encoder.clip_model!r} makes {encoder.embed_dim}-wide features, "
-                f"the visual adapter expects {self.config.embed_dim} ({self.config.clip_model!r})"
+                f"encoder {name!r} makes {encoder.embed_dim}-wide features, the visual adapter expects "
+                f"{self.config.embed_dim} ({self.config.encoder}): the adapter and the encoder weights do not match"
             )
+        if self.config.mode == "global" and hasattr(encoder, "tokens"):
+            encoder.tokens = False
         self.clip = encoder
 
     @property
@@ -168,11 +232,29 @@ class VisualAdapter(nn.Module):
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] normalised images -> [B, visual_len (tokens) or 1 (global), llama_dim]."""
+    def forward(self, images: Union[torch.Tensor, Sequence[tuple[str, torch.Tensor, float]]]) -> torch.Tensor:
+        """[B, 3, S, S] normalised images -> [B, visual_len (tokens) or 1 (global, bind), llama_dim]. Mode bind also
+        takes weighted inputs of any modality: [(modality, batch, weight), ...], mixed as ImageBind-LLM does."""
         if self.clip is None:
+            if self.config.encoder == "imagebind":
+                raise LitAdapterError("the visual adapter has no ImageBind encoder; set encoder_weights "
+                                      "(--encoder_weights PATH) to imagebind_w3D.pth")
             raise LitAdapterError("the visual adapter has no CLIP encoder; attach one with build_clip_encoder(config)")
+        if self.config.mode == "bind":
+            return self.bind(self.joint_embedding(images)).unsqueeze(1)
         return self.project(self.clip(images, all_tokens=self.config.mode == "tokens"))
+
+    def joint_embedding(self, inputs: Union[torch.Tensor, Sequence[tuple[str, torch.Tensor, float]]]) -> torch.Tensor:
+        """The normalised, weight-mixed ImageBind embedding [B, embed] (blended with the cache when one is set)."""
+        from lit_adapter.encoders import joint
+
+        if isinstance(inputs, torch.Tensor):
+            inputs = [("vision", inputs, 1.0)]
+        embeddings = [self.clip.encode({modality: x})[modality] for modality, x, _ in inputs]
+        f = joint.mix(embeddings, [weight for _, _, weight in inputs]).to(self.bind.proj.weight.dtype)
+        if self.cache is not None:
+            f = joint.blend(f, *self.cache)
+        return f
 
     def project(self, clip_features: torch.Tensor) -> torch.Tensor:
         """CLIP features ([B, N, embed] tokens or [B, embed] global) -> [B, num_tokens, llama_dim]."""

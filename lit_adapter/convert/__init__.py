@@ -7,10 +7,10 @@ from typing import Literal, Optional
 
 import torch
 
-from lit_adapter.checkpoint import TOKENIZER_FILE, save_checkpoint
+from lit_adapter.checkpoint import save_checkpoint
 from lit_adapter.config import ModelConfig
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.tokenizer import Tokenizer, find_tokenizer_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,11 +44,12 @@ def _is_torch_pickle(path: Path) -> bool:
 
 
 def find_tokenizer(source: Path) -> Optional[Path]:
-    """tokenizer.model beside the checkpoint or in a parent folder (Meta ships it one level up)."""
+    """tokenizer.model (else tokenizer.json) beside the checkpoint or in a parent folder (Meta ships it one level
+    up); the Hugging Face files beside it (tokenizer_config.json, generation_config.json, ...) travel with it."""
     folder = source if source.is_dir() else source.parent
     for candidate in (folder, folder.parent):
-        if (candidate / TOKENIZER_FILE).is_file():
-            return candidate / TOKENIZER_FILE
+        if (found := find_tokenizer_file(candidate)) is not None:
+            return found
     return None
 
 
@@ -75,15 +76,18 @@ def convert(
     Args:
         source: a Meta folder (consolidated.*.pth + params.json), a Hugging Face LlamaForCausalLM folder
             (config.json + model.safetensors / pytorch_model.bin, sharded or not) or a llama2.c legacy `.bin` file.
-        out_dir: the folder to write (model.safetensors, model_config.yaml, tokenizer.model).
-        tokenizer: the SentencePiece tokenizer.model; found beside or above SOURCE when not given.
+        out_dir: the folder to write (model.safetensors, model_config.yaml, tokenizer.model or tokenizer.json).
+        tokenizer: the SentencePiece tokenizer.model or Hugging Face tokenizer.json (its tokenizer_config.json and
+            generation_config.json beside it are copied too); found beside or above SOURCE when not given.
         dtype: the dtype of the written weights; by default the source's own (llama2.c files are float32).
     """
     source, out_dir = Path(source), Path(out_dir)
     detect_format(source)
     tokenizer = Path(tokenizer) if tokenizer is not None else find_tokenizer(source)
     if tokenizer is None:
-        raise LitAdapterError(f"{source}: no tokenizer.model found beside or above it; pass --tokenizer FILE")
+        raise LitAdapterError(
+            f"{source}: no tokenizer.model found beside or above it (nor a tokenizer.json); pass --tokenizer FILE"
+        )
     vocab = Tokenizer(tokenizer).vocab_size
     fmt, config, state_dict = load_source(source)
     if vocab > config.vocab_size:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.errors import LitAdapterError, first_line, torch_load_problem
 from lit_adapter.files import read_json
 
 # bytes of source weights kept mapped at once; small enough to be noise next to the converted copy
@@ -77,7 +77,7 @@ class WeightsFile:
         try:
             tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:  # truncated zip, not a torch file, unsafe pickle, ...
-            raise LitAdapterError(f"{self.path}: cannot read torch checkpoint ({first_line(err)})") from None
+            raise LitAdapterError(f"{self.path}: {torch_load_problem(err)}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise LitAdapterError(f"{self.path}: expected a dict of tensors, got {type(tensors).__name__}")
         return tensors

@@ -36,7 +36,7 @@ from lit_adapter.data.encoding import (
 from lit_adapter.data.records import RecordReport, announce, check_on_bad_record
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.prompts import ALPACA, PromptStyle, get_prompt_style
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.tokenizer import Tokenizer, tokenizer_files
 
 # show a progress bar when a split has at least this many records
 PROGRESS_MIN_RECORDS = 2000
@@ -284,7 +284,7 @@ class TokenizedDataModule(LightningDataModule):
             if not path.is_file():
                 raise LitAdapterError(f"{path}: data file not found")
         tokenizer_file = self._tokenizer_file()
-        key = cache_key([*files, tokenizer_file], self._settings(split))
+        key = cache_key([*files, *tokenizer_files(tokenizer_file)], self._settings(split))
         if split in self._encoded and self._keys.get(split) == key:
             return self._encoded[split]
         cache = self.cache_dir / f"{files[0].stem}-{split}-{key[:20]}.pt"

@@ -28,7 +28,7 @@ from lit_adapter.data.records import (
     string_field,
 )
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.images import load_image
+from lit_adapter.images import load_image, open_image
 from lit_adapter.prompts import CAPTION_INSTRUCTION
 from lit_adapter.tokenizer import Tokenizer
 
@@ -73,7 +73,8 @@ class CaptionDataModule(TokenizedDataModule):
     def split_settings(self, split: str) -> dict:
         # image paths are stored resolved, so the folders they were resolved against are part of the key
         path = self.split_files(split)[0]
-        return {"image_dir": str(self._image_root(path).resolve())}
+        # "image_check": caches made when only image headers were checked are rebuilt, not trusted
+        return {"image_dir": str(self._image_root(path).resolve()), "image_check": "decoded"}
 
     def encode_split(self, split: str, tokenizer: Tokenizer, report: RecordReport) -> EncodedSamples:
         path = self.split_files(split)[0]
@@ -109,10 +110,15 @@ class CaptionDataModule(TokenizedDataModule):
 
 
 def _image_problem(image: Path) -> Optional[BadRecord]:
+    """Why the image cannot be used, if it cannot. It is decoded in full, as training will decode it: a file whose
+    header is fine but whose body is damaged fails here (where `on_bad_record` applies), not midway in training."""
     try:
         check_image(image)
+        open_image(image)
     except BadRecord as bad:
         return bad
+    except LitAdapterError as err:
+        return BadRecord("unreadable image", f"field 'image': {err}")
     return None
 
 

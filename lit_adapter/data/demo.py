@@ -17,11 +17,11 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import temporary_dir
 
 BUILTIN_DEMO = "builtin:demo"
 BUILTIN_PREFIX = "builtin:"
@@ -214,11 +214,9 @@ def builtin_files(kind: str) -> tuple[Path, Path]:
 
 
 def _generate_into(folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_dir(folder)  # the modes the umask gives (mkdtemp's would be private)
     try:
         _write_demo(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the data is not
         os.rename(tmp, folder)
     except OSError:
         if not folder.is_dir():  # not a lost race with another process writing the same data

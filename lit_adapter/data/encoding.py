@@ -28,24 +28,31 @@ CACHE_FORMAT = 2  # 2: the record report names its file under `file_name`
 NO_RESPONSE_LEFT = "no response token within max_seq_length"
 
 
-def encode_segments(tokenizer: Tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[bool]]:
+def encode_segments(
+    tokenizer: Tokenizer, segments: Sequence[Segment], special: bool = True
+) -> tuple[list[int], list[bool]]:
     """BOS + the tokens of the joined text + EOS, and for each token whether it carries the loss.
 
     The text is tokenised as a whole (as the official recipe does: prompt + response encoded together), and each
-    token is attributed to the segment where it starts, using SentencePiece's byte offsets.
+    token is attributed to the segment where it starts, using the tokenizer's character offsets. `special` False
+    adds neither BOS nor EOS: a chat template's text carries its own (and its end-of-turn tokens are supervised
+    with the reply they end).
     """
     ends, position = [], 0
     for text, _ in segments:
-        position += len(text.encode("utf-8"))
+        position += len(text)
         ends.append(position)
-    pieces = tokenizer.processor.encode("".join(text for text, _ in segments), out_type="proto").pieces
-    ids, supervised = [tokenizer.bos_id], [False]
-    for piece in pieces:
-        segment = min(bisect_right(ends, piece.begin), len(segments) - 1)
-        ids.append(piece.id)
+    token_ids, starts = tokenizer.encode_with_offsets("".join(text for text, _ in segments))
+    ids, supervised = [], []
+    if special and tokenizer.bos_id is not None:
+        ids, supervised = [tokenizer.bos_id], [False]
+    for token, start in zip(token_ids, starts, strict=True):
+        segment = min(bisect_right(ends, start), len(segments) - 1)
+        ids.append(token)
         supervised.append(segments[segment][1])
-    ids.append(tokenizer.eos_id)
-    supervised.append(True)
+    if special and tokenizer.eos_id is not None:
+        ids.append(tokenizer.eos_id)
+        supervised.append(True)
     return ids, supervised
 
 

@@ -1,4 +1,5 @@
-"""Multi-turn chat: the V2 chat template, history kept within the context window, /image, /reset, /exit."""
+"""Multi-turn chat: the V2 chat template or the checkpoint's own, history kept within the context window, /image,
+/reset, /exit; and the prompt that answers an OpenAI-style conversation (`generate --messages`, the server)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
 
 import torch
 
+from lit_adapter.chat_template import Message, read_messages  # noqa: F401  (read_messages: for the commands)
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.images import check_image
 from lit_adapter.inference.engine import Completion, Decoding, Engine, ExpertSlot, with_context
 from lit_adapter.inference.experts import Expert
+from lit_adapter.prompts import CHAT, CHAT_TEMPLATE, PromptStyle
 
 HELP = "commands: /image PATH (talk about an image), /reset (forget the conversation), /exit"
 
 
 @dataclass(eq=False)
 class ChatSession:
-    """A conversation with an engine whose prompt style has `apply_turns` (the chat template); replies stream to
-    `out`, notices to `err`."""
+    """A conversation with an engine whose prompt style is multi-turn (chat, or the checkpoint's chat_template);
+    replies stream to `out`, notices to `err`."""
 
     engine: Engine
     decoding: Decoding
@@ -38,10 +41,7 @@ class ChatSession:
     pending_context: str = field(init=False)  # the expert's text about a new image, added to the next message
 
     def __post_init__(self) -> None:
-        if not hasattr(self.engine.style, "apply_turns"):
-            raise LitAdapterError(
-                f"prompt style {self.engine.style.name!r} has no multi-turn form; use --prompt_style chat"
-            )
+        require_multi_turn(self.engine.style)
         self.reset()
 
     def reset(self) -> None:
@@ -68,7 +68,8 @@ class ChatSession:
             self.reply(line)
         return True
 
-    def set_image(self, path: str) -> None:
+    def set_image(self, path: str, strict: bool = False) -> None:
+        """Talk about the image at `path` from now on; a bad image is a notice (strict: raised)."""
         if not path:
             self.notice("usage: /image PATH")
             return
@@ -79,6 +80,8 @@ class ChatSession:
             context = self.expert(image) if self.expert is not None else ""
             visual = self.engine.visual_tokens([image])
         except LitAdapterError as err:
+            if strict:
+                raise
             self.notice(f"error: {err}")
             return
         self.image, self.visual, self.pending_context = image, visual, context
@@ -128,6 +131,30 @@ class ChatSession:
 
     def notice(self, text: str) -> None:
         print(text, file=self.err, flush=True)
+
+
+def require_multi_turn(style: PromptStyle) -> None:
+    if not style.multi_turn:
+        raise LitAdapterError(
+            f"prompt style {style.name!r} has no multi-turn form; use --prompt_style chat or chat_template"
+        )
+
+
+def conversation_style(engine: Engine) -> PromptStyle:
+    """The style a conversation takes when none is chosen: the engine's own when it is multi-turn (an adapter
+    trained on conversations), else the checkpoint's chat template when its tokenizer has one, else `chat`."""
+    if engine.style.multi_turn:
+        return engine.style
+    if engine.tokenizer.chat_template is not None:
+        return CHAT_TEMPLATE.for_tokenizer(engine.tokenizer)
+    return CHAT
+
+
+def conversation_ids(engine: Engine, messages: Sequence[Message]) -> torch.Tensor:
+    """The prompt ids [T] that answer an OpenAI-style conversation in the engine's multi-turn style (the chat
+    template's text with its own special tokens, or the chat style's text after BOS)."""
+    require_multi_turn(engine.style)
+    return engine.encode(engine.style.apply_messages(messages))
 
 
 def run_chat(session: ChatSession, lines: Iterable[str], interactive: bool = False) -> None:

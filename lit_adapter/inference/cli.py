@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ import torch
 from lit_adapter.devices import peak_memory_gb
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import write_jsonl
+from lit_adapter.images import check_image
 from lit_adapter.inference.batch import generate_records, read_prompts
 from lit_adapter.inference.engine import (
     ADAPTER_DECODING,
@@ -81,6 +83,7 @@ def open_session(
         precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
         device: cpu, cuda, cuda:1, ... or auto.
     """
+    check_sampling(temperature, top_k, top_p)  # before the model loads: a bad option fails at once
     engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
     decoding = resolve_decoding(
         replace(defaults, stop=engine.style.stop_sequences), max_new_tokens, temperature, top_k, top_p, stop or ()
@@ -99,9 +102,24 @@ def generate(
     prompts_file: Optional[Path] = None,
     output_file: Optional[Path] = None,
     batch_size: int = 8,
+    messages: Optional[Path] = None,
     prompt_style: Optional[str] = None,
     max_new_tokens: int = 100,
     json: bool = False,
+    audio: Optional[str] = None,
+    video: Optional[str] = None,
+    depth: Optional[str] = None,
+    thermal: Optional[str] = None,
+    imu: Optional[str] = None,
+    point: Optional[str] = None,
+    encoder_weights: Optional[Path] = None,
+    cache_index: Optional[Path] = None,
+    cache_size: int = 10,
+    cache_t: float = 20.0,
+    cache_weight: float = 0.5,
+    output_image: Optional[Path] = None,
+    unclip_dir: Optional[Path] = None,
+    unclip_steps: int = 20,
     **options: Any,
 ) -> None:
     """Generate text with a base model or an adapter; the text streams to stdout, speed and memory go to stderr.
@@ -115,18 +133,40 @@ def generate(
         prompts_file: batch mode: a JSONL file of {"prompt": ..., "input": ..., "image": ...} records.
         output_file: batch mode: where the JSONL results go (written atomically).
         batch_size: batch mode: prompts decoded together.
-        prompt_style: alpaca, alpaca_zh, chat or raw; default: the adapter's own style, raw for the bare base model.
+        messages: a JSON file of OpenAI-style messages [{"role": "system"|"user"|"assistant", "content": ...}] to
+            answer (instead of --prompt); default style: the adapter's if it is multi-turn, else the checkpoint's chat
+            template (chat_template), else chat.
+        prompt_style: alpaca, alpaca_zh, chat, raw or chat_template (the checkpoint's own Hugging Face template);
+            default: the adapter's own style, raw for the bare base model.
         max_new_tokens: the most tokens to generate.
         json: print one JSON object (text, token counts, tokens/s) instead of streaming text.
+        audio: (ImageBind-LLM) an audio file (wav, flac, mp3), PATH or PATH:WEIGHT; --image (an image or a video)
+            and --video, --depth, --thermal, --imu, --point take the same form; the inputs are mixed by weight.
+        encoder_weights: (ImageBind-LLM) the ImageBind weights (imagebind_w3D.pth) the adapter's encoder loads.
+        cache_index: (ImageBind-LLM) embeddings to retrieve from: a .safetensors [N, 1024] matrix or a faiss index.
+        cache_size: retrieval: how many neighbours.
+        cache_t: retrieval: the softmax temperature over their scores.
+        cache_weight: retrieval: the share of the retrieved embedding in the result.
+        output_image: (ImageBind-LLM) also draw an image from the inputs' embeddings, with Stable unCLIP.
+        unclip_dir: the local folder of the Stable unCLIP image-variation pipeline (for --output_image).
+        unclip_steps: its denoising steps (the pipeline's default 20).
         options: expert, sampling, seed, merging, precision and device (see `open_session`).
     """
     if prompts_file is not None and output_file is None:
         raise LitAdapterError(f"{prompts_file}: batch mode needs --output_file for the results")
     if output_file is not None and prompts_file is None:
         raise LitAdapterError(f"{output_file}: --output_file is for batch mode; give --prompts_file too")
+    if messages is not None and (prompt or input or prompts_file is not None):
+        raise LitAdapterError(f"--messages {messages}: the conversation is the prompt; leave out --prompt, --input "
+                              "and --prompts_file")
     defaults = ADAPTER_DECODING if adapter is not None else BASE_DECODING
     session = open_session(checkpoint_dir, adapter, prompt_style, defaults, max_new_tokens, **options)
     engine = session.engine
+    media = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu,
+             "point": point}
+    bind = prepare_bind(engine, media, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    if messages is not None and prompt_style is None:
+        use_conversation_style(session)
     if prompts_file is not None:
         rows = generate_records(engine, read_prompts(prompts_file), session.decoding, batch_size, session.expert,
                                 session.expert_slot, session.generator, where=str(prompts_file))
@@ -135,9 +175,21 @@ def generate(
         return
     if session.expert is not None and image is None:
         raise LitAdapterError(f"--expert {options.get('expert')}: needs an --image to describe")
-    text = build_prompt(engine, read_prompt(prompt), input, image, session.expert, session.expert_slot)
-    ids = engine.encode(text)
-    visual = engine.visual_tokens([image] if image is not None else [])
+    visual = bind_tokens(engine, media) if bind else None
+    if output_image is not None:
+        draw_image(engine, media, bind, read_prompt(prompt), output_image, unclip_dir, session.generator,
+                   unclip_steps)
+    if bind:
+        image = None  # ImageBind-LLM saw every input through its encoder
+    if messages is not None:
+        from lit_adapter.inference.chat import conversation_ids, read_messages
+
+        ids = conversation_ids(engine, read_messages(messages))
+    else:
+        text = build_prompt(engine, read_prompt(prompt), input, image, session.expert, session.expert_slot)
+        ids = engine.encode(text)
+    if image is not None:
+        visual = engine.visual_tokens([image])
     completion = Completion(prompt_tokens=ids.numel())
     for piece in engine.stream(ids, session.decoding, visual, session.generator, completion):
         if not json:
@@ -154,7 +206,7 @@ def chat(
     checkpoint_dir: Path,
     adapter: Optional[Path] = None,
     image: Optional[Path] = None,
-    prompt_style: str = "chat",
+    prompt_style: Optional[str] = None,
     system: str = "",
     max_new_tokens: int = 256,
     **options: Any,
@@ -168,19 +220,93 @@ def chat(
         checkpoint_dir: a folder written by `lit-adapter convert`.
         adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
         image: an image to talk about from the start (as `/image PATH`).
-        prompt_style: a style with a multi-turn form (chat: system line, Human/Assistant roles, "###").
+        prompt_style: a style with a multi-turn form: chat (system line, Human/Assistant roles, "###") or
+            chat_template (the checkpoint's own Hugging Face template); default: the adapter's if it is multi-turn,
+            else the checkpoint's chat template, else chat.
         system: replaces the chat template's system line (empty: the template's own).
         max_new_tokens: the most tokens per reply (also the room kept free in the context).
         options: expert, sampling, seed, merging, precision and device (see `open_session`).
     """
     from lit_adapter.inference.chat import ChatSession, run_chat
 
+    if image is not None:
+        check_image(image)  # a bad --image ends the command (exit 2); a bad /image in the chat is only a notice
     session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
+    if prompt_style is None:
+        use_conversation_style(session)
     chat_session = ChatSession(session.engine, session.decoding, system or None, session.expert, session.expert_slot,
                                session.generator)
     if image is not None:
-        chat_session.set_image(str(image))
+        chat_session.set_image(str(image), strict=True)
     run_chat(chat_session, sys.stdin, interactive=sys.stdin.isatty())
+
+
+def use_conversation_style(session: Session) -> None:
+    """Switch a session whose style takes no conversations to the one that does (see `conversation_style`); its
+    stop sequences join the decoding's (a single-turn style has none)."""
+    from lit_adapter.inference.chat import conversation_style
+
+    style = conversation_style(session.engine)
+    session.engine.style = style
+    session.decoding = replace(session.decoding, stop=tuple(dict.fromkeys([*style.stop_sequences,
+                                                                           *session.decoding.stop])))
+
+
+def check_sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse sampling values that mean nothing (the engine checks the ranges of temperature and top_p too)."""
+    if temperature is not None and not math.isfinite(temperature):
+        raise LitAdapterError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise LitAdapterError(f"--top_k {top_k}: must be at least 1 (leave it out to sample from every token)")
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses nan
+        raise LitAdapterError(f"--top_p {top_p}: must be in (0, 1]")
+
+
+def prepare_bind(engine: Engine, media: dict, encoder_weights: Optional[Path], cache_index: Optional[Path],
+                 cache_size: int, cache_t: float, cache_weight: float) -> bool:
+    """For an ImageBind-LLM adapter: attach its encoder (`encoder_weights`) and cache; True. Other models: False,
+    and any input only ImageBind-LLM takes is refused."""
+    visual = getattr(engine.adapter_model, "visual", None)
+    if visual is None or visual.config.mode != "bind":
+        extra = [f"--{kind}" for kind, spec in media.items() if spec is not None and kind != "image"]
+        extra += ["--encoder_weights"] * bool(encoder_weights) + ["--cache_index"] * bool(cache_index)
+        if extra:
+            raise LitAdapterError(f"{extra[0]}: needs an ImageBind-LLM adapter (--adapter 7B.pth, or one trained "
+                                  "with encoder imagebind)")
+        return False
+    from lit_adapter.media.inputs import prepare_bind as attach
+
+    attach(visual, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    return True
+
+
+def draw_image(engine: Engine, media: dict, bind: bool, prompt: str, output_image: Path,
+               unclip_dir: Optional[Path], generator: torch.Generator, steps: int) -> None:
+    """The official image output: the pre-normalisation mix of the inputs through Stable unCLIP."""
+    from lit_adapter.encoders.unclip import generate_image, image_embedding, load_pipeline
+    from lit_adapter.media.inputs import parse_inputs, read_inputs
+
+    inputs = parse_inputs(media)
+    if not bind or not inputs or unclip_dir is None:
+        raise LitAdapterError(f"--output_image {output_image}: needs an ImageBind-LLM adapter, at least one input "
+                              "(--image, --audio, ...) and --unclip_dir (the local Stable unCLIP pipeline folder)")
+    visual = engine.adapter_model.visual
+    with torch.inference_mode():
+        embedding = image_embedding(visual.clip, read_inputs(inputs, engine.device), visual.cache)
+    generate_image(load_pipeline(unclip_dir, engine.device), prompt, embedding, output_image, generator,
+                   num_inference_steps=steps)
+    print(f"image written to {output_image}", file=sys.stderr)
+
+
+def bind_tokens(engine: Engine, media: dict) -> Optional[torch.Tensor]:
+    """ImageBind-LLM's visual token [1, 1, dim] for the weighted inputs (None without inputs)."""
+    from lit_adapter.media.inputs import parse_inputs, read_inputs
+
+    inputs = parse_inputs(media)
+    if not inputs:
+        return None
+    with torch.inference_mode():
+        return engine.adapter_model.encode_images(read_inputs(inputs, engine.device))
 
 
 def make_expert(
@@ -238,9 +364,9 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _run(function, argv: Sequence[str], name: str) -> None:
-    from jsonargparse import CLI
+    from lit_adapter.arguments import run_function_cli
 
-    CLI(function, args=normalize_argv(argv), prog=f"lit-adapter {name}", as_positional=False)
+    run_function_cli(function, normalize_argv(argv), f"lit-adapter {name}")
 
 
 def generate_main(argv: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ from lit_adapter.inference.cpu import CPUDecoding
 from lit_adapter.inference.experts import Expert
 from lit_adapter.inference.generate import generate_batch as decode_batch
 from lit_adapter.inference.generate import generate_tokens
-from lit_adapter.inference.stream import StopFilter, cut_at_stop
+from lit_adapter.inference.stream import StopFilter, StreamDecoder, cut_at_stop
 from lit_adapter.model import LLaMA
 from lit_adapter.prompts import PromptStyle, get_prompt_style
 from lit_adapter.tokenizer import Tokenizer
@@ -142,6 +142,8 @@ class Engine:
             llama = adapter_model.llama
             adapter_style = get_prompt_style(adapter_model.adapter_config.prompt_style or "alpaca")
         style = get_prompt_style(prompt_style) if prompt_style else adapter_style
+        # the checkpoint's own chat template (style chat_template) comes with its tokenizer
+        style, adapter_style = style.for_tokenizer(tokenizer), adapter_style.for_tokenizer(tokenizer)
         cpu = CPUDecoding.for_model(llama)
         cpu.prepare(llama)
         return cls(llama, tokenizer, style, adapter_model, adapter_style, cpu)
@@ -158,7 +160,8 @@ class Engine:
         return self.style.apply(instruction, input)
 
     def encode(self, text: str) -> Tensor:
-        return torch.tensor(self.tokenizer.encode(text, bos=True), device=self.device)
+        # BOS unless the text comes from a chat template, which writes its own
+        return torch.tensor(self.tokenizer.encode(text, bos=self.style.adds_special_tokens), device=self.device)
 
     def text(self, tokens: list[int], decoding: Decoding) -> str:
         """The text of generated `tokens`, cut before the first of the decoding's stop sequences."""
@@ -187,7 +190,7 @@ class Engine:
             start = time.perf_counter()
             tokens = generate_tokens(
                 self.llama, prompt_ids, decoding.max_new_tokens, decoding.temperature, decoding.top_k, decoding.top_p,
-                self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
+                self.tokenizer.stop_ids, visual_tokens=visual_tokens, generator=generator,
             )
             try:
                 yield from self._pieces(tokens, stops, completion)
@@ -198,7 +201,7 @@ class Engine:
                 completion.finish = "stop" if stops.stopped else "length" if completion.new_tokens >= limit else "eos"
 
     def _pieces(self, tokens: Iterator[int], stops: StopFilter, completion: Completion) -> Iterator[str]:
-        text = self.tokenizer.stream_decoder()
+        text = StreamDecoder(self.tokenizer)
         for token in tokens:
             completion.new_tokens += 1
             piece = stops.push(text.push(token))
@@ -237,7 +240,7 @@ class Engine:
         with self.cpu:
             return decode_batch(
                 self.llama, list(prompts), decoding.max_new_tokens, decoding.temperature, decoding.top_k,
-                decoding.top_p, self.tokenizer.eos_id, visual_tokens=visual_tokens, generator=generator,
+                decoding.top_p, self.tokenizer.stop_ids, visual_tokens=visual_tokens, generator=generator,
                 should_stop=stop_rule if stops or should_stop is not None else None,
             )
 

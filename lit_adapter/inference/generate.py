@@ -6,13 +6,20 @@ forward pass takes that context's per-step settings (`decode_step`).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence, Union
 
 import torch
 
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.cpu import decode_step
 from lit_adapter.model import LLaMA
+
+# the token id(s) that end a generation (Llama 3 Instruct has two: <|eot_id|> and <|end_of_text|>)
+StopIds = Union[int, Collection[int], None]
+
+
+def stop_set(eos_id: StopIds) -> frozenset[int]:
+    return frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
 
 
 def sample(
@@ -43,10 +50,12 @@ def sample(
 @torch.inference_mode()
 def generate_tokens(
     model: LLaMA, prompt: torch.Tensor, max_new_tokens: int,
-    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: StopIds = None,
     visual_tokens: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time for a 1-D prompt, stopping at EOS (not yielded) or max_new_tokens."""
+    """Yield new token ids one at a time for a 1-D prompt, stopping at EOS (any of `eos_id`; not yielded) or
+    max_new_tokens."""
+    stops = stop_set(eos_id)
     if prompt.ndim != 1 or prompt.numel() == 0:
         raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
     max_len = model.config.max_seq_len
@@ -64,7 +73,7 @@ def generate_tokens(
                 logits = model(tokens, input_pos=input_pos, visual_tokens=visual_tokens, last_only=True)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_token)
-            if eos_id is not None and token == eos_id:
+            if token in stops:
                 return
             yield token
             tokens = next_token[None]
@@ -104,7 +113,7 @@ def row_positions(pads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def generate_batch(
     model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+    temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0, eos_id: StopIds = None,
     visual_tokens: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> list[list[int]]:
@@ -115,6 +124,7 @@ def generate_batch(
     """
     if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be non-empty 1-D tensors of token ids")
+    stops = stop_set(eos_id)
     tokens, pads = left_pad(prompts)
     batch, width = tokens.shape
     max_len = model.config.max_seq_len
@@ -135,7 +145,7 @@ def generate_batch(
             for row, token in enumerate(next_tokens.tolist()):
                 if done[row]:
                     continue
-                if eos_id is not None and token == eos_id:
+                if token in stops:
                     done[row] = True
                     continue
                 outputs[row].append(token)

@@ -1,8 +1,48 @@
-"""Stop sequences over streamed text: emit what is safe, hold back what might be the start of a stop sequence."""
+"""Streamed generation as text: tokens become whole characters (`StreamDecoder`), then stop sequences are cut
+(`StopFilter`): each emits what is safe now and holds back what might still change."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
+
+REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
+
+
+class Decodes(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class StreamDecoder:
+    """Turns tokens arriving one by one into text pieces that never split a character: a token may hold part of a
+    character's UTF-8 bytes (byte-level BPE, SentencePiece byte fallback), and the text waits until the rest comes.
+
+    Each step decodes a short window, the tokens of the last emitted piece plus the new ones, so that a decoder that
+    treats the first token specially (SentencePiece drops a leading space) sees the same context each time, and the
+    cost per token stays constant instead of growing with the text.
+    """
+
+    def __init__(self, tokenizer: Decodes) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # the window: ids[start:] is decoded, ids[start:read] is already shown
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        shown = self.tokenizer.decode(self.ids[self.start : self.read])
+        text = self.tokenizer.decode(self.ids[self.start :])
+        if text.endswith(REPLACEMENT) or len(text) <= len(shown):  # bytes of a character still to come
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(shown) :]
+
+    def flush(self) -> str:
+        """The text still held back at the end of generation (an incomplete character, as the decoder shows it)."""
+        shown = self.tokenizer.decode(self.ids[self.start : self.read])
+        text = self.tokenizer.decode(self.ids[self.start :])
+        self.start = self.read = len(self.ids)
+        return text[len(shown) :]
 
 
 class StopFilter:

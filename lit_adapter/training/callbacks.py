@@ -6,7 +6,11 @@
   time between batch ends (data loading included) on rank 0 alone, and gives no figure for the whole run, which the
   summary and training.yaml need.
 - `AdapterExport` writes adapter.safetensors + adapter_config.yaml, the base's tokenizer and model config, and
-  training.yaml (the base folder and the run's figures) into the run folder at the end of an uninterrupted fit.
+  training.yaml (the base folder and the run's figures) into the run folder at the end of an uninterrupted fit; an
+  adapter with a non-finite tensor is refused (one line, nothing written); at the start of training it removes the
+  temporaries a kill during an earlier export left there.
+- `CheckpointHygiene` (checkpoint_io.py) removes what killed checkpoint writes left and keeps `save_top_k` across
+  resumes.
 - `FitSummary` prints the validation loss before training (the sanity check) and the summary at the end of fit.
 """
 
@@ -20,8 +24,13 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lit_adapter.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_config, save_yaml
+from lit_adapter.checkpoint import CONFIG_FILE, load_config, save_yaml, tokenizer_path
 from lit_adapter.devices import peak_memory_gb
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import atomic_path, remove_stale_temporaries
+from lit_adapter.tokenizer import copy_tokenizer
+from lit_adapter.training.checkpoint_io import CheckpointHygiene
+from lit_adapter.training.metrics import NonFiniteGuard, nonfinite_count
 from lit_adapter.training.names import STATE_PREFIX
 from lit_adapter.training.report import format_summary, run_figures
 
@@ -72,9 +81,14 @@ class AdapterExport(Callback):
         self.throughput = throughput
         self.exported_to: Optional[Path] = None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:  # what a kill during an earlier export left
+            remove_stale_temporaries(Path(self.dirpath or trainer.default_root_dir))
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.interrupted:
             tensors = adapter_tensors(trainer, pl_module)  # a collective call under FSDP: every rank takes part
+            check_finite_export(trainer, tensors)
             if trainer.is_global_zero:
                 self.write(Path(self.dirpath or trainer.default_root_dir), trainer, pl_module, tensors)
         trainer.strategy.barrier()
@@ -85,11 +99,28 @@ class AdapterExport(Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         base_dir = module.base_dir
         write_adapter(out_dir, module.adapter_config, tensors, load_config(base_dir))
-        for name in (TOKENIZER_FILE, CONFIG_FILE):
-            shutil.copyfile(base_dir / name, out_dir / name)
-        figures = run_figures(trainer, module, _tokens_per_second(self.throughput))
+        copy_tokenizer(tokenizer_path(base_dir), out_dir)  # tokenizer.model or tokenizer.json (+ its HF files)
+        with atomic_path(out_dir / CONFIG_FILE) as tmp:
+            shutil.copyfile(base_dir / CONFIG_FILE, tmp)
+        figures = {**run_figures(trainer, module, _tokens_per_second(self.throughput)), **_skipped(trainer)}
         save_yaml({"checkpoint_dir": str(base_dir.resolve()), **figures}, out_dir / TRAINING_FILE)
         self.exported_to = out_dir
+
+
+def _skipped(trainer: Trainer) -> dict[str, int]:
+    """{"skipped_steps": N} when the run skipped non-finite steps (NonFiniteGuard with action "skip"), else {}."""
+    guards = [cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)]
+    skipped = sum(guard.skipped for guard in guards)
+    return {"skipped_steps": skipped} if skipped or any(guard.action == "skip" for guard in guards) else {}
+
+
+def check_finite_export(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse (on every rank alike) to export an adapter holding a non-finite tensor."""
+    bad = [name for name, tensor in tensors.items() if nonfinite_count([tensor])] if trainer.is_global_zero else []
+    count = trainer.strategy.broadcast(len(bad))
+    if count:
+        example = f" (e.g. {bad[0]})" if bad else ""
+        raise LitAdapterError(f"the trained adapter holds {count} non-finite tensors{example}; it was not exported")
 
 
 def adapter_tensors(trainer: Trainer, module: Any) -> dict[str, torch.Tensor]:
@@ -130,12 +161,16 @@ class FitSummary(Callback):
         if trainer.is_global_zero:
             exported = self.export.exported_to if self.export is not None else None
             figures = run_figures(trainer, pl_module, _tokens_per_second(self.throughput))
-            print(format_summary(figures, exported), flush=True)
+            skipped = _skipped(trainer)
+            summary = format_summary(figures, exported)
+            if skipped:
+                summary += f"\n  skipped steps (non-finite loss or gradients): {skipped['skipped_steps']}"
+            print(summary, flush=True)
 
 
 def default_callbacks(export: bool = True) -> list[Callback]:
-    """Throughput logging, the export at the end of fit (unless `export` is False), then the summary (in this order:
-    the summary names the exported adapter)."""
+    """Throughput logging, the export at the end of fit (unless `export` is False), the summary (in this order: the
+    summary names the exported adapter), and the checkpoint folders' hygiene."""
     throughput = TrainingThroughput()
     exporter = AdapterExport(throughput=throughput) if export else None
-    return [throughput, *([exporter] if exporter else []), FitSummary(throughput, exporter)]
+    return [throughput, *([exporter] if exporter else []), FitSummary(throughput, exporter), CheckpointHygiene()]

@@ -13,6 +13,9 @@ unused parameters, routing with image-bearing instruction data) run here, before
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -21,14 +24,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_adapter.data.batch import INSTRUCTION
 from lit_adapter.data.joint import JointDataModule
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
 from lit_adapter.training.callbacks import default_callbacks
 from lit_adapter.training.checkpoint_io import AtomicCheckpointIO
 from lit_adapter.training.module import LitAdapterModule
 from lit_adapter.training.precision import trainer_precision
+from lit_adapter.training.resume import AFRESH, check_adapter_matches, check_resume_file, resolve_last
 
 DEFAULT_ROOT = "out/lit-adapter"
 CHECKPOINT_EVERY = 100
@@ -50,8 +55,37 @@ class AdapterCLI(LightningCLI):
             auto_configure_optimizers=False,
             args=args,
             run=run,
-            parser_kwargs={"prog": "lit-adapter"},
+            # parse errors are raised (and become one line), not printed after the whole usage
+            parser_kwargs={"prog": "lit-adapter", "exit_on_error": False,
+                           **{name: {"exit_on_error": False} for name in self.subcommands()}},
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        from jsonargparse import ArgumentError
+
+        from lit_adapter.arguments import argument_error
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            subcommand = next((a for a in args or [] if a in self.subcommands()), None)
+            known = self._subcommand_parsers.get(subcommand, parser) if subcommand else parser
+            raise argument_error(err, known, f"lit-adapter {subcommand or ''}".strip(), args or []) from None
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the file here (for its hyperparameters): check it first, safely
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self.resume_checkpoint = check_resume_file(ckpt_path), ckpt_path
+        if self.resume_checkpoint[0] is not None:  # before Lightning puts the checkpoint's settings in the config
+            check_adapter_matches(self.resume_checkpoint[0], str(ckpt_path), _as_dict(self.config[subcommand].model))
+        from jsonargparse import ArgumentError
+
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            raise LitAdapterError(f"{ckpt_path}: its saved hyperparameters do not parse as this run's options "
+                                  f"({' '.join(str(err).split())}); {AFRESH}") from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -72,6 +106,7 @@ class AdapterCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config)
         root = Path(config.trainer.default_root_dir or DEFAULT_ROOT)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
@@ -86,16 +121,71 @@ class AdapterCLI(LightningCLI):
         kwargs["precision"] = precision["precision"]
         kwargs["plugins"] = [*(_as_list(chosen.trainer.plugins) or [AtomicCheckpointIO()]), *precision["plugins"]]
         kwargs["callbacks"] = [*_as_list(chosen.trainer.callbacks), *default_callbacks(export=config.export_adapter)]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+            raise LitAdapterError(trainer_setting_error(err)) from None
 
     def before_fit(self) -> None:
         visual = self.model.adapter_config.visual is not None
         check_ddp_settings(self.trainer.strategy, visual, self.datamodule.carries_images)
         check_routing(self.model.hparams.route_groups, visual, self.datamodule.carries_images)
+        self.check_resume("fit")
+
+    def before_validate(self) -> None:
+        self.check_resume("validate")
+
+    def check_resume(self, subcommand: str) -> None:
+        """`--ckpt_path last` resolved once (and said in one line when there is none yet); the checkpoint's adapter
+        settings compared with this run's."""
+        checkpoint, ckpt_path = self.resume_checkpoint
+        if ckpt_path == "last":
+            ckpt_path = resolve_last(self.trainer, subcommand)
+            self.config_init[subcommand]["ckpt_path"] = ckpt_path
+            checkpoint = check_resume_file(ckpt_path)
+        if checkpoint is not None:
+            check_adapter_matches(checkpoint, str(ckpt_path), self.model.hparams)
+
+
+def _as_dict(namespace: Any) -> dict:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
 
 
 def _as_list(value: Any) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_accelerator(config: Any) -> None:
+    """A GPU recipe on a machine without one fails here, in one line, before anything is built."""
+    accelerator = str(config.trainer.accelerator or "auto")
+    if accelerator == "tpu":
+        from lightning.fabric.accelerators.xla import XLAAccelerator
+
+        if not XLAAccelerator.is_available():
+            raise LitAdapterError("trainer.accelerator: tpu, but this machine has no TPU that torch_xla can use; "
+                                  "pass --trainer.accelerator cpu (or gpu)")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        files = ", ".join(str(path) for path in config.get("config") or [])
+        raise LitAdapterError(
+            f"trainer.accelerator: {accelerator}{f' (in {files})' if files else ''}, but this machine has no CUDA "
+            "GPU; to run on CPU pass --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto "
+            "--trainer.precision 32-true"
+        )
+
+
+def trainer_setting_error(err: Exception) -> str:
+    """Lightning's complaint about a trainer setting, naming the option it is about (`max_steps` ->
+    trainer.max_steps): the first Trainer argument the message names, quoted first."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    text = " ".join(str(err).split())
+    arguments = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    quoted = re.findall(r"`(\w+)", text)
+    words = re.findall(r"\w+", text)
+    named = next((word for word in [*quoted, *words] if word in arguments), None)
+    return f"{f'trainer.{named}' if named else 'trainer settings'}: {text}"
 
 
 def check_ddp_settings(strategy: Any, visual: bool, carries_images: dict[str, bool]) -> None:
@@ -122,13 +212,44 @@ def check_routing(route_groups: bool, visual: bool, carries_images: dict[str, bo
         )
 
 
+class _InformationToStdout(logging.StreamHandler):
+    """Lightning's information lines (seed, devices, restored checkpoint) go to stdout, with its progress bar and
+    the summary; its warnings and errors stay on stderr, so a failed run's stderr is its one error line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.addFilter(lambda record: record.levelno < logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout  # the stdout of the moment (a caller may have swapped it)
+        super().emit(record)
+
+
+def information_to_stdout() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if any(isinstance(handler, _InformationToStdout) for handler in logger.handlers):
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
+                logger.addHandler(_InformationToStdout())
+
+
 def run_cli(subcommand: str, argv: list[str]) -> AdapterCLI:
+    information_to_stdout()
     with warnings.catch_warnings():
         # `lit-adapter fit ...` hands its own arguments over explicitly; LightningCLI would warn about sys.argv
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         # the frozen CLIP tower stays in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
-        return AdapterCLI(args=[subcommand, *argv])
+        try:
+            return AdapterCLI(args=[subcommand, *argv])
+        except RuntimeError as err:  # what the resume checks above cannot foresee (e.g. another base model)
+            if "state_dict" not in str(err):
+                raise
+            raise LitAdapterError(f"--ckpt_path: the checkpoint does not fit this model ({first_line(err)}); "
+                                  f"{AFRESH}") from None
 
 
 def fit_main(argv: list[str]) -> None:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lit_adapter.adapters import AdapterModel
+from lit_adapter.adapters.linear import base_bias_keys
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_config
 from lit_adapter.devices import default_dtype
 from lit_adapter.errors import LitAdapterError
@@ -214,16 +215,22 @@ def load_full_tensors(root: nn.Module, tensors: Any) -> set[str]:
 
 
 class PrefixedTensors:
-    """A safetensors file seen with `prefix` before every key (read lazily, one tensor at a time)."""
+    """A safetensors file seen with `prefix` before every key (read lazily, one tensor at a time); `renamed` maps
+    a parameter name to the prefixed file key it loads from where the two differ (`base_bias_keys`)."""
 
-    def __init__(self, handle: Any, prefix: str) -> None:
+    def __init__(self, handle: Any, prefix: str, renamed: Optional[dict[str, str]] = None) -> None:
         self.handle, self.prefix = handle, prefix
+        self.renamed = renamed or {}
+        self.parameter_names = {key: name for name, key in self.renamed.items()}
 
     def keys(self) -> list[str]:
-        return [self.prefix + key for key in self.handle.keys()]
+        return [self.parameter_names.get(self.prefix + key, self.prefix + key) for key in self.handle.keys()]
+
+    def file_key(self, name: str) -> str:
+        return self.renamed.get(name, name).removeprefix(self.prefix)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key.removeprefix(self.prefix))
+        return self.handle.get_tensor(self.file_key(key))
 
 
 def prepare_for_sharding(model: AdapterModel) -> AdapterModel:
@@ -248,8 +255,10 @@ def load_after_sharding(root: nn.Module, base_dir: Path, init_adapter: Optional[
     """Copy the base weights (and an initial adapter) into the sharded model, one unit at a time."""
     path = base_dir / WEIGHTS_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        loaded = load_full_tensors(root, PrefixedTensors(f, STATE_PREFIX + "llama."))
-        missing = [k for k in f.keys() if STATE_PREFIX + "llama." + k not in loaded]
+        # a base linear's own bias (Qwen2, Falcon) is `base_bias` in an adapted linear, whose `bias` is the adapter's
+        tensors = PrefixedTensors(f, STATE_PREFIX + "llama.", base_bias_keys(root, clean_name))
+        loaded = load_full_tensors(root, tensors)
+        missing = [tensors.file_key(k) for k in tensors.keys() if k not in loaded]
     if missing:
         raise LitAdapterError(f"{path}: weight {missing[0]!r} has no place in the sharded model")
     if init_adapter:

@@ -1,5 +1,5 @@
 """LitAdapterModule: a frozen LLaMA with LLaMA-Adapter V1/V2 adapters, trained by Lightning (steps, routing,
-optimizer, schedule; export, summary and throughput are callbacks, see callbacks.py).
+optimizer, schedule; export, summary and throughput are callbacks, see callbacks.py; the NaN guard is metrics.py).
 
 Precision: trainable parameters, and so the optimizer state, stay float32 whatever the frozen dtype (see
 precision.py: applied once after the build, and kept through Lightning's cast by `AdapterPrecision`).
@@ -10,8 +10,8 @@ step after a caption batch updates only the "visual" parameter group and after a
 the other group are set to None. torch's AdamW skips a parameter whose .grad is None entirely (no moment update, no
 weight decay, no step count), so the other group stays bit-identical, and gradient clipping then only sees the routed
 group. One optimizer (instead of two under manual optimisation) keeps Lightning's gradient accumulation, clipping,
-precision and checkpointing; `ResumableLoader` makes every accumulation window hold batches of a single source.
-Under DDP a step leaves some trainable parameters unused, so DDP needs `find_unused_parameters=True`.
+precision and checkpointing; `ResumableLoader` makes every accumulation window hold batches of a single source. Under
+DDP a step leaves some trainable parameters unused, so DDP needs `find_unused_parameters=True`.
 
 The data takes the model's tokenizer, context length, image transform and prompt style from `data_settings`
 (`lit-adapter fit` links it to the data module); the model never looks at the data module.
@@ -20,7 +20,7 @@ The data takes the model's tokenizer, context length, image transform and prompt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -32,11 +32,11 @@ from lit_adapter.data.batch import CAPTION, INSTRUCTION, TrainingBatch
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.training.build import build_for_training, data_settings, resolve_checkpoint_dir
 from lit_adapter.training.loss import head_cross_entropy
-from lit_adapter.training.metrics import SourceLosses, check_finite
+from lit_adapter.training.metrics import NonFiniteGuard, SourceLosses
 from lit_adapter.training.names import STATE_PREFIX, check_state_keys, clean_name
 from lit_adapter.training.optim import decay_groups, initialise_adamw_state
 from lit_adapter.training.precision import check_float32_trainables
-from lit_adapter.training.schedule import schedule_for
+from lit_adapter.training.schedule import apply_peak_lr, schedule_for
 
 SOURCE_GROUP = {CAPTION: "visual", INSTRUCTION: "language"}
 
@@ -62,6 +62,8 @@ class LitAdapterModule(LightningModule):
         activation_checkpointing: recompute each block's activations in backward (FSDP: set the strategy's
             activation_checkpointing instead)
         compile_blocks: torch.compile each LLaMA block (faster steps once compiled; the first steps compile)
+        nonfinite: on a non-finite loss or gradient, "stop" before the step or "skip" it (counted; NonFiniteGuard)
+        skip_limit: with "skip", this many skipped steps in a row stop the run all the same
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class LitAdapterModule(LightningModule):
         init_adapter: Optional[str] = None,
         activation_checkpointing: bool = False,
         compile_blocks: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        skip_limit: int = 10,
     ) -> None:
         super().__init__()
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
@@ -143,8 +147,7 @@ class LitAdapterModule(LightningModule):
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         self._window_sources.add(batch["source"])
         total, count = self.loss_sums(batch)
-        loss = total / count.clamp(min=1)
-        check_finite(loss, self.trainer)
+        loss = total / count.clamp(min=1)  # a non-finite one stops or skips the step: NonFiniteGuard
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log(f"train_{batch['source']}_loss", loss, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -162,6 +165,9 @@ class LitAdapterModule(LightningModule):
         for param in self.model.parameters():
             if param.grad is not None and id(param) not in keep:
                 param.grad = None
+
+    def configure_callbacks(self) -> list[NonFiniteGuard]:  # every fit is guarded, not only `lit-adapter fit`
+        return [NonFiniteGuard(self.hparams.nonfinite, self.hparams.skip_limit)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -209,6 +215,7 @@ class LitAdapterModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" in checkpoint:  # (under FSDP the strategy has loaded and checked it already)
             self.check_trainable_keys(checkpoint["state_dict"].keys())
+        apply_peak_lr(checkpoint, self.hparams.learning_rate)  # the lr configured now, not the checkpoint's
 
     def check_trainable_keys(self, keys: Iterable[str], origin: str = "the checkpoint") -> None:
         check_state_keys(self.trainable_names(), keys, origin)

@@ -62,3 +62,29 @@ def schedule_for(
         steps_per_epoch = total
     warmup = resolve_warmup_steps(warmup_steps, warmup_epochs, steps_per_epoch, total)
     return warmup_cosine(optimizer, warmup, total, min_lr_ratio)
+
+
+
+def apply_peak_lr(checkpoint: dict[str, Any], peak_lr: float) -> None:
+    """Make a checkpoint about to be resumed use the peak learning rate configured now.
+
+    Lightning restores the optimizer's and the scheduler's learning rates from the checkpoint, so a run resumed with
+    a lower `learning_rate` (the advice after a non-finite stop) would silently go on at the old one. Here every
+    param group's `initial_lr` and each scheduler's `base_lrs` become `peak_lr`, and the current learning rates keep
+    their place in the schedule (scaled by the same factor); a checkpoint of the same peak is left as it is.
+    """
+    scale = 1.0
+    for optimizer in checkpoint.get("optimizer_states", []):
+        for group in optimizer.get("param_groups", []):
+            old = group.get("initial_lr")
+            if old and old != peak_lr:
+                scale = peak_lr / old
+                group["lr"] *= scale
+                group["initial_lr"] = peak_lr
+    if scale == 1.0:
+        return
+    for scheduler in checkpoint.get("lr_schedulers", []):
+        if "base_lrs" in scheduler:
+            scheduler["base_lrs"] = [peak_lr for _ in scheduler["base_lrs"]]
+        if "_last_lr" in scheduler:
+            scheduler["_last_lr"] = [lr * scale for lr in scheduler["_last_lr"]]

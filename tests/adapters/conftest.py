@@ -23,7 +23,7 @@ def float64_base(monkeypatch):
         cos, sin = rotation.real.unsqueeze(-3).to(x.dtype), rotation.imag.unsqueeze(-3).to(x.dtype)
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
-    def rope_tables(seq_len, head_dim, theta, device=None):
+    def rope_tables(seq_len, head_dim, theta, device=None, scaling=None):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
         return torch.polar(torch.ones_like(angles), angles)

@@ -149,7 +149,7 @@ def test_tied_copy_of_classifier_is_ignored(tmp_path: Path) -> None:
     ({"model_type": "mistral"}, "model_type 'mistral'"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling 'llama3'"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"head_dim": 3}, "head_dim 3"),
 ])

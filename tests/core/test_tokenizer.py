@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.inference.stream import StreamDecoder
 from lit_adapter.tokenizer import Tokenizer
 
 MIXED = "Lily said 你好, world! Ünïcödé 🙂 and 中文也可以。"
@@ -31,14 +32,14 @@ def test_bos_eos_control(tokenizer: Tokenizer) -> None:
 
 def test_chinese_and_english_round_trip_through_byte_fallback(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode(MIXED, bos=False)
-    pieces = [tokenizer.processor.id_to_piece(i) for i in ids]
+    pieces = [tokenizer.backend.processor.id_to_piece(i) for i in ids]
     # 你 is E4 BD A0 in UTF-8: a 512-piece vocabulary has no Chinese pieces, so it falls back to bytes
     assert pieces[pieces.index("<0xE4>"): pieces.index("<0xE4>") + 3] == ["<0xE4>", "<0xBD>", "<0xA0>"]
     assert tokenizer.decode(ids) == MIXED
 
 
 def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    decoder = tokenizer.stream_decoder()
+    decoder = StreamDecoder(tokenizer)
     return [decoder.push(i) for i in ids] + [decoder.flush()]
 
 
@@ -67,3 +68,11 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
     junk.write_bytes(b"not a sentencepiece model")
     with pytest.raises(LitAdapterError, match=f"{junk}: not a valid SentencePiece model"):
         Tokenizer(junk)
+
+
+def test_control_pieces_written_in_the_text_are_their_ids(tokenizer: Tokenizer) -> None:
+    """A chat template writes `<s>` / `</s>` as text: they become the control ids, the text around them as before."""
+    plain = tokenizer.encode("Once upon a time", bos=False)
+    assert tokenizer.encode("<s>Once upon a time</s>", bos=False) == [1, *plain, 2]
+    ids, starts = tokenizer.encode_with_offsets("你好 Lily")
+    assert len(ids) == len(starts) and starts == sorted(starts) and starts[-1] < len("你好 Lily")

@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_adapter.checkpoint import load_yaml
 from lit_adapter.training.callbacks import AdapterExport, FitSummary, TrainingThroughput, default_callbacks
+from lit_adapter.training.checkpoint_io import CheckpointHygiene
 from tests.training import helpers
 
 
@@ -17,7 +18,7 @@ def test_a_fit_with_the_default_callbacks_logs_exports_and_summarises(
 ) -> None:
     lit = helpers.module(stories260k_dir, visual=False)
     callbacks = default_callbacks()
-    assert [type(c) for c in callbacks] == [TrainingThroughput, AdapterExport, FitSummary]
+    assert [type(c) for c in callbacks] == [TrainingThroughput, AdapterExport, FitSummary, CheckpointHygiene]
     trainer = helpers.trainer(tmp_path, max_steps=2, callbacks=callbacks, limit_val_batches=1, val_check_interval=2,
                               num_sanity_val_steps=1, log_every_n_steps=1, logger=CSVLogger(tmp_path, name="logs"))
     trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions, captions=False))

@@ -85,7 +85,7 @@ def test_a_nan_loss_stops_training_with_one_line_and_keeps_the_last_good_checkpo
         trainer.fit(lit, datamodule=helpers.joint_data(lit, instructions, captions=False))
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("step 3: the training loss is nan")
+    assert message.startswith("step 3 (instruction batch): the training loss is nan")
     assert str(tmp_path / "ckpt" / "last.ckpt") in message
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2

@@ -1,12 +1,13 @@
 """Adapter files: ours (`ours.py`: adapter.safetensors + adapter_config.yaml) and the official releases
-(`official.py`: V1, V2, 65B), all read into an `AdapterFile` whose tensors carry our names."""
+(`official.py`: V1, V2, 65B; `imagebind.py`: ImageBind-LLM), all read into an `AdapterFile` whose tensors carry
+our names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from lit_adapter.adapters.formats import official, ours
+from lit_adapter.adapters.formats import imagebind, official, ours
 from lit_adapter.adapters.formats.file import AdapterFile, PathLike, Tensors, check_adapter_tensors
 from lit_adapter.adapters.formats.ours import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, write_adapter
 from lit_adapter.adapters.visual import VisualConfig
@@ -37,7 +38,8 @@ def read_adapter(
         path: an adapter folder, its adapter.safetensors, or an official LLaMA-Adapter .pth.
         base_config: the base model the adapter is for.
         adapter_len: (official files) the prompt length K when the file does not show it (V1 default 10).
-        visual: (official V2 files) the visual config, when its CLIP tower is not ViT-L/14 from OpenAI.
+        visual: (official V2 files) the visual config, when its CLIP tower is not ViT-L/14 from OpenAI;
+            (ImageBind-LLM files) where its `encoder_weights` are.
     """
     path = Path(path)
     if path.is_dir():
@@ -48,6 +50,8 @@ def read_adapter(
         raise LitAdapterError(f"{path}: adapter file not found")
     if path.suffix == ".safetensors":
         adapter = ours.read(path, base_config)
+    elif imagebind.is_imagebind_llm(path):
+        adapter = imagebind.read(path, base_config, visual)
     else:
         adapter = official.read(path, base_config, adapter_len, visual)
     adapter.config.check_model(base_config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +27,7 @@ from lit_adapter.adapters.config import AdapterConfig
 from lit_adapter.adapters.formats.file import AdapterFile, Tensors
 from lit_adapter.adapters.visual import VisualConfig
 from lit_adapter.config import ModelConfig
-from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.errors import LitAdapterError, torch_load_problem
 
 PROMPTS = "adapter_query.weight"  # every format's prompts: [L*K, dim], split over the top L layers
 VISUAL_PREFIXES = ("clip_proj.", "clip_proj_norm.", "visual_query.", "visual_blocks.", "visual_proj.",
@@ -95,9 +96,11 @@ def read(path: Path, base: ModelConfig, adapter_len: Optional[int], visual: Opti
 def _load(path: Path) -> tuple[Tensors, dict]:
     """(state dict, the V2 `config` entry or {}) of a .pth."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about odd pickles: the error below says what matters
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike mean "not a readable checkpoint"
-        raise LitAdapterError(f"{path}: cannot read as a PyTorch checkpoint ({first_line(err)})") from None
+        raise LitAdapterError(f"{path}: {torch_load_problem(err)}") from None
     if not isinstance(data, dict):
         raise LitAdapterError(f"{path}: expected a state dict, got {type(data).__name__}")
     if isinstance(data.get("model"), dict):

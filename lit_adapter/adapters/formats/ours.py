@@ -13,7 +13,7 @@ from lit_adapter.adapters.config import AdapterConfig
 from lit_adapter.adapters.formats.file import AdapterFile, PathLike, Tensors
 from lit_adapter.checkpoint import save_tensors
 from lit_adapter.config import ModelConfig
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import LitAdapterError, first_line
 from lit_adapter.files import load_yaml, save_yaml
 
 if TYPE_CHECKING:
@@ -47,12 +47,20 @@ def write_adapter(out_dir: PathLike, config: AdapterConfig, tensors: Tensors, ba
 
 def read(weights: Path, base: ModelConfig) -> AdapterFile:
     """Read `weights` (an adapter.safetensors) and the adapter_config.yaml beside it, made for `base`."""
-    config = _read_config(weights.parent / ADAPTER_CONFIG, base)
+    # the weights first: an empty or corrupt file is the problem to report, whatever lies beside it
+    if weights.stat().st_size == 0:
+        raise LitAdapterError(f"{weights}: empty file (0 bytes), not an adapter; pass the adapter folder or file "
+                              "that `lit-adapter fit` wrote")
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             stored = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise LitAdapterError(f"{weights}: cannot read safetensors file ({err})") from None
+        raise LitAdapterError(f"{weights}: cannot read safetensors file ({first_line(err)})") from None
+    config_path = weights.parent / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise LitAdapterError(f"{weights}: no {ADAPTER_CONFIG} beside it; an adapter is the pair {ADAPTER_WEIGHTS} + "
+                              f"{ADAPTER_CONFIG} in one folder, as `lit-adapter fit` writes them")
+    config = _read_config(config_path, base)
     tensors, origin = _current_names(stored)
     return AdapterFile(config, tensors, weights, KIND, origin)
 

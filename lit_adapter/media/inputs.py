@@ -1,0 +1,67 @@
+"""Weighted inputs of any modality for an ImageBind-LLM adapter: `--image a.jpg:0.5 --audio b.wav:0.5`.
+
+Each input is read and preprocessed (`lit_adapter.media.load`), embedded by the adapter's ImageBind encoder,
+normalised and mixed by its weight (`encoders.joint.mix`), then turned into the one visual token by the bind
+network (`VisualAdapter`, mode bind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from lit_adapter.errors import LitAdapterError
+from lit_adapter.media import INPUT_KINDS, load, modality_of
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedInput:
+    kind: str
+    path: Path
+    weight: float = 1.0
+
+
+def parse_input(kind: str, spec: Union[str, Path]) -> WeightedInput:
+    """`PATH` or `PATH:WEIGHT` (weight default 1; a path that itself contains ':' needs the weight spelled out)."""
+    text = str(spec)
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            value = float(weight)
+        except ValueError:
+            return WeightedInput(kind, Path(text))
+        if value < 0:
+            raise LitAdapterError(f"--{kind} {text}: the weight must be >= 0, got {value}")
+        return WeightedInput(kind, Path(path), value)
+    return WeightedInput(kind, Path(text))
+
+
+def parse_inputs(specs: Mapping[str, Optional[Union[str, Path]]]) -> list[WeightedInput]:
+    """{kind: spec or None} (the command-line flags) -> the given inputs, in `INPUT_KINDS` order."""
+    unknown = sorted(set(specs) - set(INPUT_KINDS))
+    if unknown:
+        raise LitAdapterError(f"unknown input kinds {unknown}; choose among {list(INPUT_KINDS)}")
+    return [parse_input(kind, specs[kind]) for kind in INPUT_KINDS if specs.get(kind) is not None]
+
+
+def read_inputs(inputs: Sequence[WeightedInput], device: torch.device) -> list[tuple[str, torch.Tensor, float]]:
+    """[(modality, batch of one [1, ...], weight)] for the visual adapter."""
+    if inputs and sum(i.weight for i in inputs) <= 0:
+        raise LitAdapterError("the input weights sum to 0; give at least one input a positive weight")
+    return [(modality_of(i.kind), load(i.kind, i.path)[None].to(device), i.weight) for i in inputs]
+
+
+def prepare_bind(visual, encoder_weights: Optional[Path] = None, cache_index: Optional[Path] = None,
+                 cache_size: int = 10, cache_t: float = 20.0, cache_weight: float = 0.5) -> None:
+    """Attach the ImageBind encoder from `encoder_weights` and the retrieval cache to a bind-mode visual adapter."""
+    from lit_adapter.encoders.imagebind import load_imagebind
+    from lit_adapter.encoders.joint import CacheSettings, load_cache
+
+    device = visual.bind.proj.weight.device
+    if encoder_weights is not None:
+        visual.attach_encoder(load_imagebind(encoder_weights, device=device))
+    if cache_index is not None:
+        visual.cache = (load_cache(cache_index), CacheSettings(cache_size, cache_t, cache_weight))
