@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -26,6 +27,21 @@ def run_cli(
         [sys.executable, "-m", "lit_adapter.cli", *map(str, args)], input=stdin, capture_output=True, text=True,
         env=env, timeout=timeout, cwd=REPO_ROOT,
     )
+
+
+def run_main(args: list[str], capsys, monkeypatch=None, stdin: str = "") -> tuple[int, str, str]:
+    """`lit_adapter.cli.main(args)` in this process: (exit code, stdout, stderr), stdin from `stdin`."""
+    from lit_adapter.cli import main
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def assert_cli_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

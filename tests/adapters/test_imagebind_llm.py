@@ -4,9 +4,7 @@ zero-init form reproduces the base bit for bit, and it generates from weighted i
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ import torch.nn.functional as F
 
 from lit_adapter.adapters import load_adapter, load_adapter_model, read_adapter
 from lit_adapter.checkpoint import load_model
-from lit_adapter.cli import main
 from lit_adapter.encoders.imagebind import load_imagebind
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.media.inputs import parse_input
@@ -23,6 +20,7 @@ from tests.adapters.reference import Adapter, reference_logits
 from tests.adapters.test_formats import meta_weights, official_v2_linear
 from tests.encoders.helpers import save_tiny_imagebind
 from tests.encoders.test_media import write_sine
+from tests.helpers import run_main as run
 from tests.helpers import write_image
 
 RANK, HIDDEN = 4, 4 * DIM
@@ -151,17 +149,6 @@ def test_weighted_input_specs():
     assert str(parse_input("image", "C:/x/a.jpg").path) == "C:/x/a.jpg"
     with pytest.raises(LitAdapterError, match=">= 0"):
         parse_input("audio", "b.wav:-1")
-
-
-def run(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_with_weighted_image_and_audio(stories260k_dir, tmp_path, encoder_file, capsys, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,27 +14,15 @@ import torch
 from lit_adapter.adapters import save_adapter
 from lit_adapter.adapters.merge import merge, merge_linears
 from lit_adapter.checkpoint import load_model
-from lit_adapter.cli import main
 from lit_adapter.inference import engine as engine_module
 from lit_adapter.inference.cli import normalize_argv
 from lit_adapter.inference.generate import generate_tokens
 from lit_adapter.prompts import get_prompt_style
+from tests.helpers import run_main as run
 from tests.helpers import write_image
 from tests.inference.conftest import text_adapter, visual_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(args: list[str], capsys, monkeypatch=None, stdin: str = "") -> tuple[int, str, str]:
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_json(args: list[str], capsys) -> dict:
