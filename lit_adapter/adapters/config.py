@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from lit_adapter.adapters.visual import VisualConfig
-from lit_adapter.config import ModelConfig, check_known_keys
+from lit_adapter.config import LINEAR_NAMES, ModelConfig, check_known_keys
 from lit_adapter.errors import LitAdapterError
 
-LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ATTENTION_LINEARS = ("wq", "wk", "wv", "wo")
 GATE_ACTIVATIONS = ("tanh", "identity")
 # "bias" (y = Wx + b on all seven linears) is what `merge` leaves of "paper" and "official_65b" once the scales are
