@@ -194,6 +194,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_s_best": new_tokens / min(times), "tokens": tokens,
         }
     result["peak_rss_mb"] = harness.peak_rss_mb()
+    if side == OURS:  # the attention path the probe chose per shape class, beside the CPU decoding settings
+        from lit_adapter.ops import ATTENTION_PATHS
+
+        result["attention_paths"] = {repr(key): path for key, path in ATTENTION_PATHS.choices.items()}
     return result
 
 

@@ -27,6 +27,9 @@ AttentionPath = Literal["sdpa", "grouped"]
 K = TypeVar("K", bound=Hashable)
 
 PROBE_BUDGET_SECONDS = 0.002  # an attention call slower than this (a long prefill) is timed once per round
+# a probed path or setting replaces the default only when faster by more than this fraction in every round: two
+# near-equal candidates timed in isolation rank by noise, and the default is the one that holds up under load
+TOLERANCE = 0.05
 
 
 def sdpa_attention(
@@ -127,8 +130,8 @@ class AttentionPaths:
     By capability first: SDPA while gradients are recorded (training), under torch.compile, for the causal case
     (its fused causal kernel) and off the CPU (where it dispatches to fused kernels). Otherwise, on the CPU, the
     first call of a shape class (dtype, batch, heads, kv_heads, head_dim, T and S rounded up to powers of two, torch
-    threads) times both paths on its own inputs (`fastest`: a few ms) and keeps the faster for the process. Both
-    paths give the same values up to rounding.
+    threads) times both paths on its own inputs (`fastest`: a few ms) and keeps the written-out path for the process
+    only when it is faster than SDPA by more than `TOLERANCE`. Both paths give the same values up to rounding.
     """
 
     def __init__(self) -> None:
@@ -150,7 +153,7 @@ class AttentionPaths:
     @staticmethod
     def probe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> AttentionPath:
         candidates = {name: lambda kernel=kernel: kernel(q, k, v, mask) for name, kernel in KERNELS.items()}
-        return fastest(candidates, timer=partial(best_time, budget_seconds=PROBE_BUDGET_SECONDS))
+        return fastest(candidates, TOLERANCE, timer=partial(best_time, budget_seconds=PROBE_BUDGET_SECONDS))
 
     @contextmanager
     def force(self, path: Optional[AttentionPath]) -> Iterator[None]:

@@ -51,14 +51,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from lit_adapter.model import LLaMA
-from lit_adapter.ops import best_time, fastest
+from lit_adapter.ops import TOLERANCE, best_time, fastest
 
 Shape = tuple[int, int]  # (out_features, in_features) of a linear weight
 RowClass = int  # the rows of a linear's input, as the nearest of ROW_CLASSES
 Settings = tuple[Optional[int], bool, frozenset[Shape], frozenset[tuple[Shape, RowClass]]]
 T = TypeVar("T")
 
-TOLERANCE = 0.05  # a measured setting replaces torch's default only when faster by more than this fraction
 BATCH_ROWS = 8  # the batch decode step the probes time besides a one-row step
 PROBE_MAX_STEP = 0.25  # seconds: a model whose one-row decode step takes longer keeps the default kernels/layout
 ROW_CLASSES = (1, BATCH_ROWS, 64)  # a token, a batch decode step, a prefill: where float32 products are timed
