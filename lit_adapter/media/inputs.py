@@ -54,6 +54,17 @@ def read_inputs(inputs: Sequence[WeightedInput], device: torch.device) -> list[t
     return [(modality_of(i.kind), load(i.kind, i.path)[None].to(device), i.weight) for i in inputs]
 
 
+def bind_tokens(adapter_model, specs: Mapping[str, Optional[Union[str, Path]]],
+                device: torch.device) -> Optional[torch.Tensor]:
+    """ImageBind-LLM's visual token [1, 1, dim] for the weighted inputs `specs` ({kind: PATH[:WEIGHT] or None});
+    None when no input is given."""
+    inputs = parse_inputs(specs)
+    if not inputs:
+        return None
+    with torch.inference_mode():
+        return adapter_model.encode_images(read_inputs(inputs, device))
+
+
 def prepare_bind(visual, encoder_weights: Optional[Path] = None, cache_index: Optional[Path] = None,
                  cache_size: int = 10, cache_t: float = 20.0, cache_weight: float = 0.5) -> None:
     """Attach the ImageBind encoder from `encoder_weights` and the retrieval cache to a bind-mode visual adapter."""

@@ -15,7 +15,7 @@ from lit_adapter.checkpoint import load_model
 from lit_adapter.encoders.imagebind import load_imagebind
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.media.inputs import parse_input
-from tests.adapters.helpers import ATTENTION, DIM, FFN, HEADS, IDS, LAYERS, one_line_error, rand
+from tests.adapters.helpers import ATTENTION, DIM, FFN, GENERATOR, HEADS, IDS, LAYERS, one_line_error, rand
 from tests.adapters.reference import Adapter, reference_logits
 from tests.adapters.test_formats import meta_weights, official_v2_linear
 from tests.encoders.helpers import save_tiny_imagebind
@@ -26,13 +26,14 @@ from tests.helpers import write_image
 RANK, HIDDEN = 4, 4 * DIM
 
 
-def official_imagebind_llm(zero: bool = False, norms=None) -> dict:
-    """`{'model': sd}` in the 7B.pth layout at stories260K size; `zero`: the finetune-phase init (gates, biases and
-    LoRA l2 zero, norms = `norms`, the base's)."""
+def official_imagebind_llm(zero: bool = False, norms=None, seed: int = 0) -> dict:
+    """`{'model': sd}` in the 7B.pth layout at stories260K size, the same values whichever test asks first;
+    `zero`: the finetune-phase init (gates, biases and LoRA l2 zero, norms = `norms`, the base's)."""
+    GENERATOR.manual_seed(seed)
     def value(*shape, scale=0.2):
         return torch.zeros(shape) if zero else rand(*shape, scale=scale)
 
-    sd = {"image_bind_proj.weight": rand(DIM, 1024, scale=0.05), "image_bind_proj.bias": rand(DIM)}
+    sd = {"image_bind_proj.weight": rand(DIM, 1024, scale=1.0), "image_bind_proj.bias": rand(DIM)}
     for k in (1, 2, 3):
         sd[f"image_bind_norm_{k}.weight"] = 1 + rand(DIM)
         sd[f"image_bind_f1_{k}.weight"] = rand(HIDDEN, DIM, scale=0.1)
@@ -192,3 +193,35 @@ def test_the_cache_blends_the_retrieved_embeddings_before_the_bind_network(stori
         r = F.normalize((torch.softmax(20 * scores, dim=-1)[..., None] * stored[ids]).sum(1), dim=-1)
         expected = official_bind(checkpoint["model"], F.normalize(0.75 * f + 0.25 * r, dim=-1))
     torch.testing.assert_close(tokens, expected)
+
+
+def test_batch_mode_mixes_each_records_inputs_as_generate_does(stories260k_dir, tmp_path, encoder_file, capsys,
+                                                               monkeypatch):
+    torch.save(official_imagebind_llm(), tmp_path / "7B.pth")
+    write_image(tmp_path / "a.png")
+    write_sine(tmp_path / "b.wav", 2.0)
+    records = [{"prompt": "Describe it.", "image": "a.png:0.5", "audio": "b.wav:0.5"},
+               {"prompt": "Describe it.", "audio": "b.wav"}, {"prompt": "Describe it."},
+               {"prompt": "Describe it.", "image": "a.png"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(tmp_path / "7B.pth"),
+              "--encoder_weights", str(encoder_file), "--temperature", "0", "--max_new_tokens", "8"]
+    code, _, err = run([*common, "--prompts_file", str(tmp_path / "prompts.jsonl"), "--output_file",
+                        str(tmp_path / "out.jsonl")], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    flags = [["--image", f"{tmp_path / 'a.png'}:0.5", "--audio", f"{tmp_path / 'b.wav'}:0.5"],
+             ["--audio", str(tmp_path / "b.wav")], [], ["--image", str(tmp_path / "a.png")]]
+    for row, extra in zip(rows, flags, strict=True):
+        code, out, err = run([*common, "--prompt", "Describe it.", "--json", *extra], capsys, monkeypatch)
+        assert code == 0, err
+        assert row["output"] == json.loads(out)["text"]
+    assert len({row["output"] for row in rows[1:]}) == 3  # each record saw its own inputs
+    assert rows[1]["audio"] == str(tmp_path / "b.wav")
+
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Hi", "audio": "b.wav"}) + "\n")
+    code, _, err = run(["generate", "--checkpoint_dir", str(stories260k_dir), "--prompts_file",
+                        str(tmp_path / "prompts.jsonl"), "--output_file", str(tmp_path / "o.jsonl")],
+                       capsys, monkeypatch)
+    assert code == 2 and "prompts.jsonl:1: 'audio' needs an ImageBind-LLM adapter" in err
+    assert len(err.strip().splitlines()) == 1
