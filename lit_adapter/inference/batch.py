@@ -114,13 +114,11 @@ def takes_bind_inputs(engine: Engine) -> bool:
 
 def check_inputs(engine: Engine, records: Sequence[PromptRecord], where: str) -> None:
     """Refuse, before decoding anything, a record input the model cannot take."""
-    if takes_bind_inputs(engine):
-        return
+    from lit_adapter.media.inputs import bind_visual
+
     for record in records:
         if record.media:
-            kind = next(iter(record.media))
-            raise LitAdapterError(f"{where}:{record.line}: {kind!r} needs an ImageBind-LLM adapter (--adapter "
-                                  "7B.pth, or one trained with encoder imagebind)")
+            bind_visual(engine.adapter_model, f"{where}:{record.line}: {next(iter(record.media))!r}")
 
 
 def has_visual_input(engine: Engine, record: PromptRecord) -> bool:

@@ -54,6 +54,18 @@ def read_inputs(inputs: Sequence[WeightedInput], device: torch.device) -> list[t
     return [(modality_of(i.kind), load(i.kind, i.path)[None].to(device), i.weight) for i in inputs]
 
 
+NEEDS_BIND = "needs an ImageBind-LLM adapter (--adapter 7B.pth, or one trained with encoder imagebind)"
+
+
+def bind_visual(adapter_model, what: str):
+    """The bind-mode visual adapter of `adapter_model` (None or any model); else `what` (the input or option that
+    asked for it) is refused in one line."""
+    visual = getattr(adapter_model, "visual", None)
+    if visual is None or visual.config.mode != "bind":
+        raise LitAdapterError(f"{what}: {NEEDS_BIND}")
+    return visual
+
+
 def bind_tokens(adapter_model, specs: Mapping[str, Optional[Union[str, Path]]],
                 device: torch.device) -> Optional[torch.Tensor]:
     """ImageBind-LLM's visual token [1, 1, dim] for the weighted inputs `specs` ({kind: PATH[:WEIGHT] or None});

@@ -223,5 +223,5 @@ def test_batch_mode_mixes_each_records_inputs_as_generate_does(stories260k_dir, 
     code, _, err = run(["generate", "--checkpoint_dir", str(stories260k_dir), "--prompts_file",
                         str(tmp_path / "prompts.jsonl"), "--output_file", str(tmp_path / "o.jsonl")],
                        capsys, monkeypatch)
-    assert code == 2 and "prompts.jsonl:1: 'audio' needs an ImageBind-LLM adapter" in err
+    assert code == 2 and "prompts.jsonl:1: 'audio': needs an ImageBind-LLM adapter" in err
     assert len(err.strip().splitlines()) == 1
