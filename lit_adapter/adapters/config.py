@@ -16,6 +16,7 @@ GATE_ACTIVATIONS = ("tanh", "identity")
 # folded into the base weights.
 BIAS_MODES = ("none", "paper", "official_7b", "official_65b", "bias")
 FUSIONS = ("early", "late")
+GATE_SHAPES = ("head", "layer")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class AdapterConfig:
         late (official code, V1 multimodal): the visual tokens are added to the static prompt of every adapted layer.
     visual: the visual encoder; None = text only.
     prompt_style: the prompt template the adapter was trained with.
+    gate_shape: head (the papers': one gate per attention head) or layer (one gate per layer, shared by its heads,
+        as PEFT's AdaptionPrompt has it, so that `lit-adapter export --format peft` is exact); the static prompt's
+        gate only.
     """
 
     adapter_len: int = 10
@@ -52,6 +56,7 @@ class AdapterConfig:
     visual_layers: int = 1
     visual: Optional[VisualConfig] = None
     prompt_style: str = "alpaca"
+    gate_shape: Literal["head", "layer"] = "head"
 
     def __post_init__(self) -> None:
         if isinstance(self.visual, dict):
@@ -77,6 +82,7 @@ class AdapterConfig:
         _check_choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
         _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
         _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choice("gate_shape", self.gate_shape, GATE_SHAPES)
         _check(self.lora_rank >= 0, f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         _check(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
@@ -127,6 +133,8 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["lora_targets"] = list(self.lora_targets)
+        if data["gate_shape"] == "head":
+            del data["gate_shape"]  # the default: files of per-head adapters stay as they were
         return data
 
     @classmethod

@@ -37,7 +37,8 @@ class GatedPrompt(nn.Module):
     """The gated prompt term of one attention layer (see the module docstring).
 
     Parameters (float32, cast to the activation dtype when used): `prompt` [K, dim] (random init, as nn.Embedding),
-    `gate` [1, n_heads, 1, 1] and `visual_gate` [1, n_heads, 1, 1] (zero init), `new_gate` [1, 1, 1, 1] (init 1).
+    `gate` [1, n_heads, 1, 1] (with `gate_shape` layer [1, 1, 1, 1]: one gate for all heads) and `visual_gate`
+    [1, n_heads, 1, 1] (zero init), `new_gate` [1, 1, 1, 1] (init 1).
     Prompt keys/values are recomputed on every call, except during generation, where they are kept in the layer's
     `kv_cache.prompt_kv` for the length of that one generation. `fast` (default True) computes each prompt's
     attention with `ops.grouped_attention`; False runs the plain formula of `prompt_attention`.
@@ -55,15 +56,17 @@ class GatedPrompt(nn.Module):
         new_gate: bool = False,
         prompt_kv_lora: bool = True,
         device: Optional[torch.device] = None,
+        gate_shape: str = "head",
     ) -> None:
         super().__init__()
+        self.n_heads = n_heads
         self.activation = activation
         self.fuse_visual = fuse_visual and static
         self.prompt_kv_lora = prompt_kv_lora
         self.fast = True
         shapes = {
             "prompt": (adapter_len, dim) if static else None,
-            "gate": (1, n_heads, 1, 1) if static else None,
+            "gate": (1, n_heads if gate_shape == "head" else 1, 1, 1) if static else None,
             "visual_gate": (1, n_heads, 1, 1) if visual_prompt else None,
             "new_gate": (1, 1, 1, 1) if new_gate else None,
         }
@@ -103,6 +106,8 @@ class GatedPrompt(nn.Module):
     def gate_of(self, name: str, visual_tokens: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """act(gate_P) [1 or B, n_heads, 1, 1] for prompt `name`; a visual prompt's is 0 on rows without an image."""
         gate = gate_activation(self.activation, self.gate if name == "static" else self.visual_gate).to(dtype)
+        if gate.shape[1] != self.n_heads:  # gate_shape layer: one gate, shared by the heads
+            gate = gate.expand(-1, self.n_heads, -1, -1)
         if name == "visual" and visual_tokens is not None:
             gate = gate * image_rows(visual_tokens, dtype)
         return gate
@@ -184,6 +189,7 @@ def attach_prompts(llama: LLaMA, config: AdapterConfig) -> None:
             new_gate=config.new_gate,
             prompt_kv_lora=config.prompt_kv_lora,
             device=device,
+            gate_shape=config.gate_shape,
         )
 
 
