@@ -1,4 +1,4 @@
-"""`lit-adapter eval BENCHMARK ...`: benchmark evaluations (ScienceQA)."""
+"""`lit-adapter eval BENCHMARK ...`: benchmark evaluations (ScienceQA; any lm-evaluation-harness task)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def scienceqa(
     outputs_file: Optional[Path] = None,
     max_new_tokens: int = 32,
     prompt_style: Optional[str] = None,
+    encoder_weights: Optional[Path] = None,
     precision: Precision = "auto",
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -66,6 +67,8 @@ def scienceqa(
             the official results file with an "outputs" map).
         max_new_tokens: the most tokens generated per answer.
         prompt_style: the prompt template; default: the adapter's (alpaca without an adapter).
+        encoder_weights: (ImageBind-LLM) the ImageBind weights (imagebind_w3D.pth) through which the adapter
+            sees the --images.
         precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
         device: cpu, cuda, cuda:1, ... or auto.
     """
@@ -93,12 +96,13 @@ def scienceqa(
         settings = {
             "split": split, "mode": mode, "checkpoint_dir": _str(checkpoint_dir), "adapter": _str(adapter),
             "captions": _str(captions), "images": _str(images), "prompt_style": prompt_style,
+            "encoder_weights": _str(encoder_weights),
             "max_new_tokens": max_new_tokens if mode == "generate" else None,
         }
         check_settings(output, settings)
         records = predict_all(
             problems, PredictionLog(output), checkpoint_dir, adapter, captions, images, batch_size, mode,
-            max_new_tokens, prompt_style, precision, device,
+            max_new_tokens, prompt_style, precision, device, encoder_weights,
         )
     return report(problems, records, output, settings)
 
@@ -150,7 +154,67 @@ def _str(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(Path(path).resolve())
 
 
-BENCHMARKS = {"scienceqa": scienceqa}
+def lm_eval(
+    checkpoint_dir: Path,
+    tasks: str,
+    adapter: Optional[Path] = None,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    output_path: Optional[Path] = None,
+    include_path: Optional[Path] = None,
+    batch_size: int = 8,
+    max_gen_toks: int = 256,
+    add_bos_token: Optional[bool] = None,
+    seed: int = 0,
+    precision: Precision = "auto",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate with lm-evaluation-harness (its tasks, metrics and table) through our inference engine, so that
+    adapters no Hugging Face model can run (prompts, V1) are evaluated too.
+
+    Args:
+        checkpoint_dir: the base model folder (from `lit-adapter convert`).
+        tasks: comma-separated lm-eval task names (from its registry, which downloads the datasets) or task YAML
+            files (e.g. over local files).
+        adapter: an adapter (ours, official, PEFT or LitGPT); without it the base model answers.
+        num_fewshot: examples put before each question; default: the task's.
+        limit: evaluate only the first N documents of each task (a fraction below 1: that share).
+        output_path: where to write lm-eval's results JSON (a .json file, or a folder for results.json).
+        include_path: a folder of further task YAML files.
+        batch_size: requests scored together.
+        max_gen_toks: the most new tokens of a generation, unless the task sets its own.
+        add_bos_token: true / false: BOS before every context or never; default: where the tokenizer puts one (as
+            lm-eval's own hf model).
+        seed: lm-eval's random seeds (few-shot sampling).
+        precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
+        device: cpu, cuda, cuda:1, ... or auto.
+    """
+    try:
+        from lit_adapter.evaluation import lm_eval as harness
+    except ImportError as err:
+        raise LitAdapterError(f"lm-eval is not installed ({err}); pip install lm-eval") from None
+    from lit_adapter.files import write_text
+    from lit_adapter.inference.engine import Engine
+
+    if batch_size < 1:
+        raise LitAdapterError(f"--batch_size must be at least 1 (got {batch_size})")
+    engine = Engine.load(checkpoint_dir, adapter, device=device, precision=precision, prompt_style="raw")
+    model = harness.EngineLM(engine, batch_size=batch_size, max_gen_toks=max_gen_toks, add_bos_token=add_bos_token)
+    results = harness.evaluate(model, tasks, num_fewshot, limit, include_path, seed)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if output_path is not None:
+        path = Path(output_path)
+        path = path if path.suffix == ".json" else path / "results.json"
+        write_text(harness.results_json(results) + "\n", path)
+        print(f"wrote {path}", file=sys.stderr)
+    return results
+
+
+BENCHMARKS = {"scienceqa": scienceqa, "lm-eval": lm_eval}
 
 
 def eval_main(argv: list[str]) -> None:

@@ -225,3 +225,41 @@ def test_batch_mode_mixes_each_records_inputs_as_generate_does(stories260k_dir, 
                        capsys, monkeypatch)
     assert code == 2 and "prompts.jsonl:1: 'audio': needs an ImageBind-LLM adapter" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_scienceqa_eval_sees_the_images_through_imagebind(stories260k_dir, assets, tmp_path, encoder_file, capsys):
+    from PIL import Image
+
+    from lit_adapter.checkpoint import tokenizer_path
+    from lit_adapter.cli import main
+    from lit_adapter.data.scienceqa import load_problems
+    from lit_adapter.tokenizer import Tokenizer
+    from tests.evaluation.test_end_to_end import read_predictions, reference_scores
+
+    torch.save(official_imagebind_llm(), tmp_path / "7B.pth")
+    sample = assets / "scienceqa"
+    problems = load_problems(sample, "test")[:3]  # pid 4 (no image), 5 and 11 (an image each)
+    images = tmp_path / "images"
+    for index, problem in enumerate(p for p in problems if p.image):
+        (images / problem.pid).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (90 * index, 200 - 80 * index, 90)).save(images / problem.pid / problem.image)
+    common = ["eval", "scienceqa", "--data_dir", str(sample), "--checkpoint_dir", str(stories260k_dir), "--adapter",
+              str(tmp_path / "7B.pth"), "--mode", "likelihood", "--limit", "3", "--device", "cpu", "--precision",
+              "32-true"]
+    main([*common, "--images", str(images), "--encoder_weights", str(encoder_file), "--output", str(tmp_path / "w")])
+    with pytest.raises(SystemExit):  # the official adapter without its encoder: one line, exit 2
+        main([*common, "--images", str(images), "--output", str(tmp_path / "x")])
+    assert "--encoder_weights" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    model = load_adapter_model(stories260k_dir, tmp_path / "7B.pth")
+    model.visual.attach_encoder(load_imagebind(encoder_file))
+    tokenizer = Tokenizer(tokenizer_path(stories260k_dir))
+    transform = model.visual.config.transform(train=False)
+    seen = 0
+    for problem, record in zip(problems, read_predictions(tmp_path / "w"), strict=True):
+        if record["truncated"]:
+            continue
+        pixels = transform(Image.open(images / problem.pid / problem.image))[None] if problem.image else None
+        assert record["scores"] == pytest.approx(reference_scores(model, tokenizer, problem, pixels), abs=1e-3)
+        seen += problem.image is not None
+    assert seen >= 1
