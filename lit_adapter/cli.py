@@ -2,6 +2,9 @@
 
 A LitAdapterError (a problem with the user's input; argument errors become one too) exits 2. Any other exception
 is a fault of ours: one line naming it and the debug variable, exit 1; with LIT_ADAPTER_DEBUG=1 the traceback.
+
+`lit-adapter --help`, `--version` and `lit-adapter COMMAND --help` import neither torch nor the command's module: the
+command's help is the text its parser printed, stored in the package (`lit_adapter.cli_help`).
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lit_adapter.inference.cli:generate_main", "generate text, optionally with an adapter and an image"),
     "chat": ("lit_adapter.inference.cli:chat_main", "multi-turn chat with a model and adapter"),
     "merge": ("lit_adapter.adapters.merge:merge", "fold bias/scale and LoRA into the base weights"),
-    "eval": ("lit_adapter.evaluation.cli:eval_main", "evaluate (`lit-adapter eval scienceqa ...`)"),
+    "eval": ("lit_adapter.evaluation.cli:eval_main", "evaluate (`lit-adapter eval scienceqa|lm-eval ...`)"),
     "download": ("lit_adapter.download:download",
                  "fetch stories260K or a Hugging Face Hub repo (ORG/NAME), convert it"),
+    "export": ("lit_adapter.convert.export:export",
+               "write a model (+ adapter) as a Hugging Face, PEFT or LitGPT folder"),
+    "serve": ("lit_adapter.serving.cli:serve_main", "an OpenAI-compatible server with a browser chat"),
 }
 
 # commands whose module parses its own arguments (LightningCLI, nested subcommands): called as f(argv)
-SELF_PARSING = {"fit", "validate", "eval", "generate", "chat"}
+SELF_PARSING = {"fit", "validate", "eval", "generate", "chat", "serve"}
 
 # the one positional argument a command takes (every other argument is a --flag)
 POSITIONAL = {"convert": "source", "download": "name"}
@@ -44,10 +50,26 @@ def load_command(name: str):
     return getattr(importlib.import_module(module), function)
 
 
+def version() -> str:
+    """The installed package's version (its metadata: nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("lit-adapter")
+    except PackageNotFoundError:
+        return "unknown (not installed; `pip install -e .` installs it)"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return
+    if argv == ["--version"]:
+        print(f"lit-adapter {version()}")
+        return
+    if argv[0] in COMMANDS and print_stored_help(argv):
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -75,6 +97,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(1)
 
 
+def print_stored_help(argv: list[str]) -> bool:
+    """Print the stored help when `argv` is exactly `COMMAND [SUBCOMMAND] --help`; False when there is none."""
+    from lit_adapter.cli_help import help_key, stored_help
+
+    key = help_key(argv)
+    text = stored_help(key) if key is not None else None
+    if text is None:
+        return False
+    sys.stdout.write(text)
+    return True
+
+
 def run_command(name: str, rest: list[str]) -> None:
     command = load_command(name)
     if name in SELF_PARSING:
@@ -82,9 +116,32 @@ def run_command(name: str, rest: list[str]) -> None:
         return
     from lit_adapter.arguments import run_function_cli
 
+    if name in POSITIONAL and any(arg in ("-h", "--help") for arg in rest):
+        print_positional_help(name, lambda: run_function_cli(command, rest, f"lit-adapter {name}"))
+        return
     if name in POSITIONAL and rest and not rest[0].startswith("-"):
         rest = [f"--{POSITIONAL[name]}", *rest]
     run_function_cli(command, rest, f"lit-adapter {name}")
+
+
+def print_positional_help(name: str, show_help) -> None:
+    """The parser's help with the command's positional argument written as one in the usage line (`SOURCE`,
+    optional ones `[NAME]`): the parser itself takes it as `--source`, which `run_command` passes it as."""
+    import contextlib
+    import io
+    import re
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            show_help()
+    finally:
+        text = out.getvalue()
+        usage, blank, rest = text.partition("\n\n")
+        option, metavar = f"--{POSITIONAL[name]}", POSITIONAL[name].upper()
+        usage = re.sub(rf"\[{option} {metavar}\]", f"[{metavar}]", usage)
+        usage = re.sub(rf"(?<![\w-]){option} {metavar}", metavar, usage)
+        sys.stdout.write(usage + blank + rest)
 
 
 def one_line(message: str) -> str:

@@ -7,8 +7,9 @@ repositories; with HF_HUB_OFFLINE=1 the cached snapshot is used and nothing is f
 the Hub cache as huggingface_hub places it.
 
 Environment: LIT_ADAPTER_DOWNLOAD_URL replaces the download location of a known model (a mirror, or a file://
-folder); LIT_ADAPTER_CACHE replaces the cache root (~/.cache/lit-adapter); LIT_ADAPTER_ASSETS, when set, lets
-`stories260k_checkpoint` use a local copy of the files instead of downloading them.
+folder); LIT_ADAPTER_CACHE replaces the cache root (~/.cache/lit-adapter); LIT_ADAPTER_ASSETS, when set, holds a
+local copy of the known models' files (ASSETS/stories260K/...), used instead of downloading them. A complete
+converted folder in the cache is used as it is: nothing touches the network then.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ HUB_FILES = [
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
     "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
 ]
+ASSETS_ENV = "LIT_ADAPTER_ASSETS"  # a folder holding local copies of the known models' files
 SOURCE_FILE = "download.yaml"  # in a converted Hub checkpoint: the repository and commit it was made from
 
 
@@ -63,8 +65,9 @@ def cache_dir() -> Path:
 def download(
     name: str = "stories260K", out_dir: Optional[Path] = None, base_url: Optional[str] = None, revision: str = "main"
 ) -> Path:
-    """Download a known small model (sha256-checked) or a Hugging Face Hub repository and convert it into a
-    checkpoint folder.
+    """Download stories260K or a Hugging Face Hub repository and convert it into a checkpoint folder.
+
+    A known small model is sha256-checked; a complete copy already in the cache is used as it is.
 
     Args:
         name: stories260K, or a Hub repository ORG/NAME (e.g. Qwen/Qwen2.5-0.5B-Instruct; HF_TOKEN for gated ones,
@@ -72,36 +75,63 @@ def download(
         out_dir: the checkpoint folder to write; default: the cache ($LIT_ADAPTER_CACHE or ~/.cache/lit-adapter)/NAME
             (Hub repositories: .../hf/ORG/NAME).
         base_url: where a known model's files are (http(s):// or file://); default: $LIT_ADAPTER_DOWNLOAD_URL, else
-            the model's public location.
+            a local copy in $LIT_ADAPTER_ASSETS/NAME, else the model's public location.
         revision: a Hub repository's branch, tag or commit.
     """
     if name not in KNOWN_MODELS and "/" in name:
         return download_hub(name, Path(out_dir) if out_dir is not None else None, revision)
     model = known_model(name)
     out_dir = Path(out_dir) if out_dir is not None else cache_dir() / name
-    base_url = base_url or os.environ.get("LIT_ADAPTER_DOWNLOAD_URL") or model.url
-    sources = cache_dir() / "downloads" / name
-    for filename in model.sha256:
-        fetch(join_url(base_url, filename), sources / filename, model.sha256[filename])
-    folder = convert_once(sources / model.weights, sources / model.tokenizer, out_dir)
+    if is_checkpoint(out_dir):  # complete (folders appear by rename only): nothing to fetch
+        print(f"{name} checkpoint folder (already converted): {out_dir}")
+        return out_dir
+    explicit = base_url or os.environ.get("LIT_ADAPTER_DOWNLOAD_URL")  # a location named: fetch from there
+    local = local_assets(name) if not explicit else None
+    if local is None:
+        advice = (f"run it again with internet, point LIT_ADAPTER_DOWNLOAD_URL or --base_url at a mirror, or set "
+                  f"{ASSETS_ENV} to a folder holding {name}/ ({', '.join(model.sha256)})")
+        local = fetch_known(name, explicit or model.url, advice)
+    folder = convert_once(local / model.weights, local / model.tokenizer, out_dir)
     print(f"{name} checkpoint folder: {folder}")
     return folder
 
 
+
+def local_assets(name: str) -> Optional[Path]:
+    """$LIT_ADAPTER_ASSETS/NAME when that is set and holds the known model's files (sha256-checked), else None."""
+    assets = os.environ.get(ASSETS_ENV)
+    if not assets:
+        return None
+    model = KNOWN_MODELS[name]
+    source = Path(assets) / name
+    for filename, expected in model.sha256.items():
+        check_sha256(source / filename, expected)
+    return source
+
+
 def stories260k_checkpoint() -> Path:
     """The converted stories260K checkpoint folder in the cache: made from $LIT_ADAPTER_ASSETS/stories260K when
-    that is set, else downloaded; converted once, then returned at the cost of three stat calls."""
+    that is set, else downloaded; converted once, then returned at the cost of three stat calls. Offline, without
+    either, one line says both ways out."""
     folder = cache_dir() / "stories260K"
     if is_checkpoint(folder):
         return folder
-    assets = os.environ.get("LIT_ADAPTER_ASSETS")
-    if not assets:
-        return download("stories260K", out_dir=folder)
     model = KNOWN_MODELS["stories260K"]
-    source = Path(assets) / "stories260K"
-    for filename, expected in model.sha256.items():
-        check_sha256(source / filename, expected)
-    return convert_once(source / model.weights, source / model.tokenizer, folder)
+    local = local_assets("stories260K")
+    if local is None:
+        advice = (f"set {ASSETS_ENV} to a folder holding stories260K/ ({', '.join(model.sha256)}), or run "
+                  f"`lit-adapter download stories260K` once with internet (it fills {folder})")
+        local = fetch_known("stories260K", os.environ.get("LIT_ADAPTER_DOWNLOAD_URL") or model.url, advice)
+    return convert_once(local / model.weights, local / model.tokenizer, folder)
+
+
+def fetch_known(name: str, base_url: str, advice: str) -> Path:
+    """The folder in the cache holding a known model's files, fetched from `base_url` where missing."""
+    model = KNOWN_MODELS[name]
+    sources = cache_dir() / "downloads" / name
+    for filename, sha256 in model.sha256.items():
+        fetch(join_url(base_url, filename), sources / filename, sha256, advice)
+    return sources
 
 
 def known_model(name: str) -> KnownModel:
@@ -138,8 +168,9 @@ def check_sha256(path: Path, expected: str) -> None:
         raise LitAdapterError(f"{path}: sha256 {got} does not match the expected {expected}")
 
 
-def fetch(url: str, path: Path, sha256: str) -> None:
-    """Download url to path unless a file with the right sha256 is already there; nothing partial is ever left."""
+def fetch(url: str, path: Path, sha256: str, advice: str = "point LIT_ADAPTER_DOWNLOAD_URL at a mirror") -> None:
+    """Download url to path unless a file with the right sha256 is already there; nothing partial is ever left.
+    A failed download names `advice` (what to do instead)."""
     if path.is_file() and sha256_of(path) == sha256:
         return
     from tqdm import tqdm
@@ -156,9 +187,7 @@ def fetch(url: str, path: Path, sha256: str) -> None:
                         bar.update(len(block))
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", None) or err
-            raise LitAdapterError(
-                f"{url}: download failed ({reason}); point LIT_ADAPTER_DOWNLOAD_URL or --base_url at a mirror"
-            ) from None
+            raise LitAdapterError(f"{url}: download failed ({reason}); {advice}") from None
         if digest.hexdigest() != sha256:
             raise LitAdapterError(
                 f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}; the file was not kept"

@@ -70,6 +70,8 @@ class ChatStyle(PromptStyle):
     system: str = CHAT_SYSTEM
     roles: tuple[str, str] = ("Human", "Assistant")
     separator: str = "###"
+    # example turns written after the system line, before the conversation (never supervised)
+    seed: tuple[tuple[str, str], ...] = ()
     multi_turn: ClassVar[bool] = True
 
     def apply(self, instruction: str, input: str = "") -> str:
@@ -90,6 +92,8 @@ class ChatStyle(PromptStyle):
         """Segments of a conversation: every assistant reply (with the separator that ends it) is supervised."""
         human, assistant = self.roles
         prompt = (self.system if system is None else system) + self.separator
+        prompt += "".join(f"{human}: {message}{self.separator}{assistant}: {reply}{self.separator}"
+                          for message, reply in self.seed)
         segments: list[Segment] = []
         for message, reply in turns:
             prompt += f"{human}: {message}{self.separator}{assistant}:"
@@ -168,6 +172,60 @@ class RawStyle(PromptStyle):
         return _join(instruction, input)
 
 
+@dataclass(frozen=True)
+class TurnsForm(PromptStyle):
+    """The multi-turn form of a single-turn style (alpaca, alpaca_zh; see `multi_turn_form`): the style's preamble
+    once, then every turn in the style's own instruction/response format, each earlier reply right after its response
+    header, as FastChat and LitGPT render Alpaca conversations. A single turn is exactly the style's own prompt."""
+
+    preamble: str = ""
+    turn: str = "{instruction}"  # one turn up to its response header, e.g. "\n\n### Instruction:\n{instruction}..."
+    multi_turn: ClassVar[bool] = True
+
+    def apply_turns(self, turns: Sequence[Turn], system: Optional[str] = None) -> str:
+        """The conversation so far, ending with the response header of the last turn when its reply is missing."""
+        return "".join(text for text, _ in self.conversation_segments(turns, system))
+
+    def apply_messages(self, messages: Sequence[Message]) -> str:
+        turns, system = messages_to_turns(messages)
+        if not turns or turns[-1][1] is not None:
+            raise LitAdapterError("the last message must be the user's: it is the turn the model answers")
+        return self.apply_turns(turns, system)
+
+    def conversation_segments(self, turns: Sequence[Turn], system: Optional[str] = None) -> list[Segment]:
+        """The preamble and each turn's header (no loss), each reply (loss); `system` replaces the preamble."""
+        prompt = self.preamble if system is None else system
+        segments: list[Segment] = []
+        for message, reply in turns:
+            prompt += self.turn.format(instruction=message)
+            if not reply:
+                break
+            segments += [(prompt, False), (reply, True)]
+            prompt = ""
+        if prompt:
+            segments.append((prompt, False))
+        return segments
+
+    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
+        return self.conversation_segments(*messages_to_turns(messages))
+
+
+def multi_turn_form(style: PromptStyle) -> PromptStyle:
+    """`style` itself when it takes conversations, else its multi-turn form (`TurnsForm`): the no-input template cut
+    at its first blank line into the preamble and the turn. A model replying past its turn writes the next
+    instruction header, which ends the reply. Styles without a preamble (raw) have none."""
+    if style.multi_turn:
+        return style
+    preamble, blank, rest = style.no_input.partition("\n\n")
+    if not blank or "{instruction}" in preamble or "{instruction}" not in rest:
+        raise LitAdapterError(f"prompt style {style.name!r} has no multi-turn form; use --prompt_style chat, "
+                              "chat_template, alpaca or alpaca_zh")
+    header = rest.split("\n", 1)[0]  # "### Instruction:": where a reply that runs on into a new turn is cut
+    return TurnsForm(name=style.name, no_input=style.no_input, with_input=style.with_input,
+                     stop_sequences=tuple(dict.fromkeys([*style.stop_sequences, header])),
+                     adds_special_tokens=style.adds_special_tokens, preamble=preamble, turn=blank + rest)
+
+
 def _join(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
@@ -233,14 +291,43 @@ RAW = RawStyle(name="raw", no_input="{instruction}", with_input="{instruction}\n
 
 CHAT_TEMPLATE = TemplateStyle(name="chat_template", no_input="", with_input="")
 
+# The official 65B chat demo's conversation (`llama_adapter_v2_chat65b/conversation.py`, template `v1`): the chat
+# style with one example exchange written before the user's turns.
+OFFICIAL_65B_SEED = (
+    (
+        "Give three tips for staying healthy.",
+        "Sure, here are three tips for staying healthy:\n"
+        "1. Exercise regularly: Regular physical activity can help improve your overall health and wellbeing. "
+        "It can also help reduce your risk of chronic conditions such as obesity, diabetes, heart disease, "
+        "and certain cancers. Aim for at least 150 minutes of moderate-intensity aerobic exercise or "
+        "75 minutes of vigorous-intensity aerobic exercise per week, along with muscle-strengthening "
+        "activities at least two days per week.\n"
+        "2. Eat a balanced diet: Eating a balanced diet that is rich in fruits, "
+        "vegetables, whole grains, lean proteins, and healthy fats can help support "
+        "your overall health. Try to limit your intake of processed and high-sugar foods, "
+        "and aim to drink plenty of water throughout the day.\n"
+        "3. Get enough sleep: Getting enough quality sleep is essential for your physical "
+        "and mental health. Adults should aim for seven to nine hours of sleep per night. "
+        "Establish a regular sleep schedule and try to create a relaxing bedtime routine to "
+        "help improve the quality of your sleep.",
+    ),
+)
+CHAT_OFFICIAL = ChatStyle(name="chat_official", no_input="", with_input="", stop_sequences=("###",),
+                          seed=OFFICIAL_65B_SEED)
+
 PROMPT_STYLES: dict[str, PromptStyle] = {
     style.name: style for style in (ALPACA, ALPACA_ZH, CHAT, RAW, CHAT_TEMPLATE)
 }
 
 
+# forms for generation and chat only (not a data set's style): the official 65B demo's seeded chat
+INFERENCE_STYLES: dict[str, PromptStyle] = {CHAT_OFFICIAL.name: CHAT_OFFICIAL}
+
+
 def get_prompt_style(name: str) -> PromptStyle:
     """The style called `name`; an unknown name fails with the list of known ones."""
-    style = PROMPT_STYLES.get(name)
+    style = PROMPT_STYLES.get(name) or INFERENCE_STYLES.get(name)
     if style is None:
-        raise LitAdapterError(f"unknown prompt style {name!r}; choose one of: {', '.join(PROMPT_STYLES)}")
+        names = [*PROMPT_STYLES, *INFERENCE_STYLES]
+        raise LitAdapterError(f"unknown prompt style {name!r}; choose one of: {', '.join(names)}")
     return style

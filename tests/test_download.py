@@ -205,3 +205,74 @@ def test_a_snapshot_without_safetensors_is_refused(hub_model, tmp_path: Path, mo
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(LitAdapterError, match=f"{HUB_REPO}: the snapshot .* has no config.json and safetensors"):
         download(HUB_REPO)
+
+
+# ---- offline: no LIT_ADAPTER_ASSETS, no network ----
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """This process cannot reach the network: every attempt is recorded and fails."""
+    import socket
+    import urllib.request
+
+    attempts: list[str] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[:1]))
+        raise OSError("network is unreachable (blocked by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.delenv("LIT_ADAPTER_ASSETS", raising=False)
+    monkeypatch.delenv("LIT_ADAPTER_DOWNLOAD_URL", raising=False)
+    return attempts
+
+
+def test_offline_with_an_empty_cache_fit_and_download_say_both_ways_out(cache: Path, no_network, tmp_path: Path,
+                                                                      capsys, monkeypatch) -> None:
+    from tests.helpers import REPO_ROOT, run_main
+
+    code, _, err = run_main(["fit", "--config", str(REPO_ROOT / "configs" / "demo.yaml"),
+                             "--trainer.default_root_dir", str(tmp_path / "run")], capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # Lightning's info lines aside
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    for fragment in ("stories260K.bin: download failed", "network is unreachable", "set LIT_ADAPTER_ASSETS",
+                     "`lit-adapter download stories260K` once with internet"):
+        assert fragment in errors[0], (fragment, err)
+    assert "--base_url" not in errors[0]  # fit has no such option
+    code, _, err = run_main(["download", "stories260K"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "again with internet" in err and "set LIT_ADAPTER_ASSETS" in err
+    assert not (cache / "stories260K").exists() and len(no_network) == 2  # one attempt each, nothing else
+
+
+def test_offline_with_a_complete_cache_nothing_touches_the_network(stories260k_dir: Path, cache: Path, no_network,
+                                                                   capsys, monkeypatch) -> None:
+    from lit_adapter.training.build import resolve_checkpoint_dir
+    from tests.helpers import run_main
+
+    shutil.copytree(stories260k_dir, cache / "stories260K")
+    assert resolve_checkpoint_dir("stories260K") == cache / "stories260K"  # what `fit` does with the name
+    assert stories260k_checkpoint() == cache / "stories260K"
+    code, out, err = run_main(["download", "stories260K"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.strip() == f"stories260K checkpoint folder (already converted): {cache / 'stories260K'}"
+    assert no_network == []
+
+
+def test_offline_downloaded_files_in_the_cache_are_converted_without_the_network(
+        mirror: Path, cache: Path, stories260k_dir: Path, no_network) -> None:
+    sources = cache / "downloads" / "stories260K"
+    sources.mkdir(parents=True)
+    for name in FILES:
+        shutil.copyfile(mirror / name, sources / name)
+    folder = download("stories260K")
+    assert_same_weights(folder, stories260k_dir)
+    assert no_network == []
+
+
+def test_download_uses_the_assets_copy_when_no_location_is_named(assets: Path, cache: Path, stories260k_dir: Path,
+                                                                  no_network, monkeypatch) -> None:
+    monkeypatch.setenv("LIT_ADAPTER_ASSETS", str(assets))
+    assert_same_weights(download("stories260K"), stories260k_dir)
+    assert no_network == [] and not (cache / "downloads").exists()

@@ -87,18 +87,23 @@ def plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.nn
     return linear
 
 
-def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig) -> tuple[Tensors, Tensors, AdapterConfig]:
-    """Fold bias scales, LoRA and trained norms into the base weights.
+def fold_adapter(weights: Tensors, adapter: AdapterFile, base: ModelConfig,
+                 progress: bool = False) -> tuple[Tensors, Tensors, AdapterConfig]:
+    """Fold bias scales, LoRA and trained norms into the base weights; `progress`: count the layers on a bar
+    (stderr, shown only on a terminal).
 
     Returns (base weights, the adapter tensors that remain (prompts, gates, biases, visual, `unfolded_lora`),
     their config).
     """
+    from tqdm import tqdm
+
     config, tensors = adapter.config, dict(adapter.tensors)
     merged = dict(weights)
     keep_lora = unfolded_lora(config, base.n_layers)
     scaling = lora_scaling(config.lora_alpha, config.lora_rank)
     remaining: Tensors = {}
-    for i in range(base.n_layers):
+    layers = tqdm(range(base.n_layers), desc="folding", unit="layer", disable=None if progress else True, leave=False)
+    for i in layers:
         for name in LINEAR_NAMES:
             stem = f"layers.{i}.{linear_parent(name)}.{name}"
             parts = {p: tensors.pop(f"llama.{stem}.{p}", None) for p in ("bias", "scale", "lora_l1", "lora_l2")}
@@ -150,7 +155,7 @@ def merge(checkpoint_dir: Path, adapter: Path, out_dir: Path, adapter_len: Optio
     base = load_config(checkpoint_dir)
     adapter_file = read_adapter(adapter, base, adapter_len)
     check_adapter_tensors(adapter_file, adapter_shapes(base, adapter_file.config))
-    merged, remaining, rest = fold_adapter(load_weights(checkpoint_dir, base), adapter_file, base)
+    merged, remaining, rest = fold_adapter(load_weights(checkpoint_dir, base), adapter_file, base, progress=True)
     save_checkpoint(out_dir, merged, base, find_tokenizer_file(checkpoint_dir))
     for stale in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         (out_dir / stale).unlink(missing_ok=True)

@@ -62,6 +62,8 @@ class VisualConfig(DictConfig):
     official `imagebind_huge.pth` / `imagebind_w3D.pth` or a file in that layout; None = attach one later). Under
     mode bind, `n_blocks` counts the bind network's blocks (official: 3) and `width` is their SwiGLU hidden width
     (None = 4 x the LLaMA width).
+    `channel_order`: "rgb", or "bgr" for weights trained on images read with OpenCV and handed to PIL unchanged, as
+    the official V2 code does (its files default to it; see `lit_adapter.adapters.clip`).
     """
 
     config_name: ClassVar[str] = "visual config"
@@ -77,6 +79,7 @@ class VisualConfig(DictConfig):
     image_size: Optional[int] = None
     encoder: str = "open_clip"
     encoder_weights: Optional[str] = None
+    channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -88,6 +91,8 @@ class VisualConfig(DictConfig):
                                   "(mode bind is ImageBind's, tokens and global open_clip's)")
         if self.encoder == "open_clip":
             clip_model_config(self.clip_model)
+        if self.channel_order not in ("rgb", "bgr"):
+            raise LitAdapterError(f"visual config: channel_order {self.channel_order!r} is not one of ['rgb', 'bgr']")
         for name in ("visual_len", "n_blocks", "block_heads"):
             if getattr(self, name) < 1:
                 raise LitAdapterError(f"visual config: {name} must be >= 1, got {getattr(self, name)}")
@@ -126,7 +131,7 @@ class VisualConfig(DictConfig):
             from lit_adapter.media.vision import image_transform as imagebind_transform
 
             return imagebind_transform(train)
-        return image_transform(self.clip_model, train, self.image_size, self.clip_pretrained)
+        return image_transform(self.clip_model, train, self.image_size, self.clip_pretrained, self.channel_order)
 
 
 class BindBlock(nn.Module):

@@ -3,6 +3,9 @@
 Both formats are memory-mapped: a tensor costs nothing until its bytes are touched, but touched pages stay resident
 while the mapping lives. Converters therefore open a file once per chunk of keys, copy what they need, and close it,
 so the resident part of the source never grows past one chunk while the converted copy is built.
+
+The chunks are counted on a progress bar (tensor by tensor, on stderr, shown only on a terminal: the convention of
+every long command here).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -101,16 +104,40 @@ class _SafetensorsView(Mapping[str, torch.Tensor]):
         return len(self.names)
 
 
-def chunks(keys: Iterable[str], nbytes: Callable[[str], int], budget: int = 0) -> Iterator[list[str]]:
-    """Consecutive groups of keys of at most `budget` bytes each (a bigger tensor gets a group of its own)."""
+def progress(total: int, desc: str, unit: str = "tensor") -> Any:
+    """A tqdm bar on stderr for `total` steps, shown only when stderr is a terminal (quiet in logs and pipes)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def chunks(keys: Iterable[str], nbytes: Callable[[str], int], budget: int = 0,
+           desc: Optional[str] = "tensors") -> Iterator[list[str]]:
+    """Consecutive groups of keys of at most `budget` bytes each (a bigger tensor gets a group of its own). A
+    group's tensors count on a progress bar named `desc` (None: no bar) once the caller asks for the next group."""
     budget = budget or CHUNK_BYTES
-    group: list[str] = []
-    size = 0
-    for key in keys:
-        if group and size + nbytes(key) > budget:
+    keys = list(keys)
+    with progress(len(keys), desc) if desc is not None else _NoBar() as bar:
+        group: list[str] = []
+        size = 0
+        for key in keys:
+            if group and size + nbytes(key) > budget:
+                yield group
+                bar.update(len(group))
+                group, size = [], 0
+            group.append(key)
+            size += nbytes(key)
+        if group:
             yield group
-            group, size = [], 0
-        group.append(key)
-        size += nbytes(key)
-    if group:
-        yield group
+            bar.update(len(group))
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lit_adapter.config import ModelConfig
+from lit_adapter.convert.files import progress
 from lit_adapter.errors import LitAdapterError
 
 HEADER = struct.Struct("<7i")
@@ -62,15 +63,17 @@ def load_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         )
     state: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, n_stack, shape in stacked:
-        count = (n_stack or 1) * int(np.prod(shape))
-        array = torch.from_numpy(np.array(data[offset: offset + count]))
-        offset += count
-        if name == "rope tables":
-            continue
-        if n_stack is None:
-            state[name] = array.view(shape)
-        else:
-            for i, layer in enumerate(array.view(n_stack, *shape)):
-                state[f"layers.{i}.{name}"] = layer.clone()
+    with progress(len(stacked), path.name, unit="array") as bar:
+        for name, n_stack, shape in stacked:
+            count = (n_stack or 1) * int(np.prod(shape))
+            array = torch.from_numpy(np.array(data[offset: offset + count]))
+            offset += count
+            bar.update(1)
+            if name == "rope tables":
+                continue
+            if n_stack is None:
+                state[name] = array.view(shape)
+            else:
+                for i, layer in enumerate(array.view(n_stack, *shape)):
+                    state[f"layers.{i}.{name}"] = layer.clone()
     return config, state

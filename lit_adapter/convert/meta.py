@@ -133,7 +133,8 @@ def check_shard_shapes(shards: list[WeightsFile], keys: list[str], config: Model
 
 def merge_shards(shards: list[WeightsFile], keys: list[str]) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
-    for group in chunks(keys, lambda key: sum(shard.nbytes(key) for shard in shards)):
+    desc = f"{shards[0].path.parent.name} ({len(shards)} shard{'s' * (len(shards) > 1)})"
+    for group in chunks(keys, lambda key: sum(shard.nbytes(key) for shard in shards), desc=desc):
         with ExitStack() as stack:
             opened = [stack.enter_context(shard.open()) for shard in shards]
             for key in group:

@@ -1,5 +1,7 @@
-"""Multi-turn chat: the V2 chat template or the checkpoint's own, history kept within the context window, /image,
-/reset, /exit; and the prompt that answers an OpenAI-style conversation (`generate --messages`, the server)."""
+"""Multi-turn chat in the adapter's own template (a single-turn one in its multi-turn form), the V2 chat template or
+the checkpoint's own; history kept within the context window; /image, the ImageBind-LLM inputs (/audio, /video,
+/depth, /thermal, /imu, /point), /reset, /exit; and the prompt that answers an OpenAI-style conversation
+(`generate --messages`, the server)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,13 @@ from lit_adapter.errors import LitAdapterError
 from lit_adapter.images import check_image
 from lit_adapter.inference.engine import Completion, Decoding, Engine, ExpertSlot, with_context
 from lit_adapter.inference.experts import Expert
-from lit_adapter.prompts import CHAT, CHAT_TEMPLATE, PromptStyle
+from lit_adapter.media import INPUT_KINDS
+from lit_adapter.prompts import CHAT, CHAT_TEMPLATE, PromptStyle, multi_turn_form
 
 HELP = "commands: /image PATH (talk about an image), /reset (forget the conversation), /exit"
+# ImageBind-LLM adapters take every input kind, each PATH or PATH:WEIGHT (the inputs are mixed by weight)
+BIND_HELP = ("commands: /image, /video, /audio, /depth, /thermal, /imu, /point PATH[:WEIGHT] (mixed by weight), "
+             "/reset, /exit")
 
 
 @dataclass(eq=False)
@@ -39,6 +45,7 @@ class ChatSession:
     image: Optional[Path] = field(init=False)
     visual: Optional[torch.Tensor] = field(init=False)
     pending_context: str = field(init=False)  # the expert's text about a new image, added to the next message
+    media: dict[str, str] = field(init=False)  # ImageBind-LLM: kind -> "PATH[:WEIGHT]" of the inputs in use
 
     def __post_init__(self) -> None:
         require_multi_turn(self.engine.style)
@@ -49,6 +56,13 @@ class ChatSession:
         self.image = None
         self.visual = None
         self.pending_context = ""
+        self.media = {}
+
+    @property
+    def binds(self) -> bool:
+        """Whether the adapter is ImageBind-LLM's (its inputs of every kind go through the bind network)."""
+        visual = getattr(self.engine.adapter_model, "visual", None)
+        return visual is not None and visual.config.mode == "bind"
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False when the chat should end."""
@@ -60,10 +74,16 @@ class ChatSession:
         if line == "/reset":
             self.reset()
             self.notice("conversation reset")
-        elif line.startswith("/image"):
-            self.set_image(line[len("/image"):].strip())
+        elif line.split()[0] in (f"/{kind}" for kind in INPUT_KINDS):
+            kind, _, spec = line[1:].partition(" ")
+            if self.binds:
+                self.set_input(kind, spec.strip())
+            elif kind == "image":
+                self.set_image(spec.strip())
+            else:
+                self.notice(f"error: /{kind} needs an ImageBind-LLM adapter (this one takes only /image)")
         elif line.startswith("/") and line.split()[0] in ("/help", "/?"):
-            self.notice(HELP)
+            self.notice(BIND_HELP if self.binds else HELP)
         else:
             self.reply(line)
         return True
@@ -86,6 +106,25 @@ class ChatSession:
             return
         self.image, self.visual, self.pending_context = image, visual, context
         self.notice(f"image {image} loaded")
+
+    def set_input(self, kind: str, spec: str, strict: bool = False) -> None:
+        """ImageBind-LLM: use the input `spec` (PATH or PATH:WEIGHT) of `kind` from now on, mixed with the others by
+        weight; a bad file is a notice and the inputs stay as they were (strict: raised)."""
+        if not spec:
+            self.notice(f"usage: /{kind} PATH[:WEIGHT]")
+            return
+        from lit_adapter.inference.cli import bind_tokens
+
+        media = {**self.media, kind: spec}
+        try:
+            visual = bind_tokens(self.engine, media)
+        except LitAdapterError as err:
+            if strict:
+                raise
+            self.notice(f"error: {err}")
+            return
+        self.media, self.visual = media, visual
+        self.notice(f"{kind} {spec} loaded ({len(media)} input(s) in use)")
 
     def reply(self, message: str) -> Optional[str]:
         """Stream the answer to `message` to `out`; it joins the history. None when the message cannot fit."""
@@ -136,15 +175,22 @@ class ChatSession:
 def require_multi_turn(style: PromptStyle) -> None:
     if not style.multi_turn:
         raise LitAdapterError(
-            f"prompt style {style.name!r} has no multi-turn form; use --prompt_style chat or chat_template"
+            f"prompt style {style.name!r} takes no conversation; use --prompt_style chat, chat_template, alpaca or "
+            "alpaca_zh (or its multi-turn form, lit_adapter.prompts.multi_turn_form)"
         )
 
 
 def conversation_style(engine: Engine) -> PromptStyle:
-    """The style a conversation takes when none is chosen: the engine's own when it is multi-turn (an adapter
-    trained on conversations), else the checkpoint's chat template when its tokenizer has one, else `chat`."""
+    """The style a conversation takes when none is chosen: the engine's own (an adapter's template, a single-turn one
+    such as alpaca in its multi-turn form); for a style without one (raw: the bare base model) the checkpoint's chat
+    template when its tokenizer has one, else `chat`."""
     if engine.style.multi_turn:
         return engine.style
+    if engine.adapter_model is not None:
+        try:
+            return multi_turn_form(engine.style)
+        except LitAdapterError:
+            pass
     if engine.tokenizer.chat_template is not None:
         return CHAT_TEMPLATE.for_tokenizer(engine.tokenizer)
     return CHAT

@@ -66,6 +66,7 @@ def open_session(
     no_merge: bool = False,
     precision: Precision = "auto",
     device: str = "auto",
+    clip_weights: Optional[Path] = None,
 ) -> Session:
     """The options of `generate` and `chat` beyond their own (each command passes them on as `**options`).
 
@@ -82,9 +83,16 @@ def open_session(
         no_merge: keep bias/scale and LoRA as separate modules instead of folding them into the weights.
         precision: 32-true, bf16-true or 16-true; auto = bf16-true on a GPU that supports it, else 32-true.
         device: cpu, cuda, cuda:1, ... or auto.
+        clip_weights: a local open_clip / OpenAI CLIP weights file for the adapter's image tower, instead of the one
+            its config names (official V2 files name open_clip's `openai` download). The tower is built only when
+            an image arrives: text-only use never loads it.
     """
+    from lit_adapter.adapters.clip import clip_options
+
     check_sampling(temperature, top_k, top_p)  # before the model loads: a bad option fails at once
-    engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge, prompt_style=prompt_style)
+    with clip_options(weights=clip_weights, lazy=True):
+        engine = Engine.load(checkpoint_dir, adapter, device, precision, merge=not no_merge,
+                             prompt_style=prompt_style)
     decoding = resolve_decoding(
         replace(defaults, stop=engine.style.stop_sequences), max_new_tokens, temperature, top_k, top_p, stop or ()
     )
@@ -134,10 +142,11 @@ def generate(
         output_file: batch mode: where the JSONL results go (written atomically).
         batch_size: batch mode: prompts decoded together.
         messages: a JSON file of OpenAI-style messages [{"role": "system"|"user"|"assistant", "content": ...}] to
-            answer (instead of --prompt); default style: the adapter's if it is multi-turn, else the checkpoint's chat
-            template (chat_template), else chat.
-        prompt_style: alpaca, alpaca_zh, chat, raw or chat_template (the checkpoint's own Hugging Face template);
-            default: the adapter's own style, raw for the bare base model.
+            answer (instead of --prompt); default style: the adapter's own (a single-turn one in its multi-turn
+            form); without an adapter the checkpoint's chat template (chat_template), else chat.
+        prompt_style: alpaca, alpaca_zh, chat, chat_official (chat with the official 65B demo's seeded example
+            exchange), raw or chat_template (the checkpoint's own Hugging Face template); default: the adapter's own
+            style (chat for the official 65B chat files), raw for the bare base model.
         max_new_tokens: the most tokens to generate.
         json: print one JSON object (text, token counts, tokens/s) instead of streaming text.
         audio: (ImageBind-LLM) an audio file (wav, flac, mp3), PATH or PATH:WEIGHT; --image (an image or a video)
@@ -165,8 +174,8 @@ def generate(
     media = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu,
              "point": point}
     bind = prepare_bind(engine, media, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
-    if messages is not None and prompt_style is None:
-        use_conversation_style(session)
+    if messages is not None:
+        use_conversation_style(session, explicit=prompt_style is not None)
     if prompts_file is not None:
         rows = generate_records(engine, read_prompts(prompts_file), session.decoding, batch_size, session.expert,
                                 session.expert_slot, session.generator, where=str(prompts_file))
@@ -209,9 +218,17 @@ def chat(
     prompt_style: Optional[str] = None,
     system: str = "",
     max_new_tokens: int = 256,
+    encoder_weights: Optional[Path] = None,
+    cache_index: Optional[Path] = None,
+    cache_size: int = 10,
+    cache_t: float = 20.0,
+    cache_weight: float = 0.5,
     **options: Any,
 ) -> None:
-    """Multi-turn chat on stdin/stdout (works with a pipe); commands: /image PATH, /reset, /exit.
+    """Multi-turn chat on stdin/stdout (works with a pipe), in the adapter's own template.
+
+    Commands: /image PATH, /reset, /exit; with an ImageBind-LLM adapter also /video, /audio, /depth, /thermal, /imu
+    and /point, each PATH or PATH:WEIGHT.
 
     Replies stream to stdout; notices (dropped history, errors) go to stderr. The oldest turns are dropped when the
     conversation no longer fits the model's context.
@@ -220,33 +237,43 @@ def chat(
         checkpoint_dir: a folder written by `lit-adapter convert`.
         adapter: an adapter (our `adapter.safetensors` or its folder, or an official V1/V2 `.pth`).
         image: an image to talk about from the start (as `/image PATH`).
-        prompt_style: a style with a multi-turn form: chat (system line, Human/Assistant roles, "###") or
-            chat_template (the checkpoint's own Hugging Face template); default: the adapter's if it is multi-turn,
-            else the checkpoint's chat template, else chat.
-        system: replaces the chat template's system line (empty: the template's own).
+        prompt_style: alpaca, alpaca_zh (earlier turns written in the template's own format), chat (system line,
+            Human/Assistant roles, "###"), chat_official (chat after the official 65B demo's example exchange) or
+            chat_template (the checkpoint's own Hugging Face template); default: the adapter's own style; without
+            an adapter the checkpoint's chat template, else chat.
+        system: replaces the template's system line (alpaca: its preamble; empty: the template's own).
         max_new_tokens: the most tokens per reply (also the room kept free in the context).
-        options: expert, sampling, seed, merging, precision and device (see `open_session`).
+        encoder_weights: (ImageBind-LLM) the ImageBind weights (imagebind_w3D.pth) the adapter's encoder loads.
+        cache_index: (ImageBind-LLM) embeddings to retrieve from: a .safetensors [N, 1024] matrix or a faiss index.
+        cache_size: retrieval: how many neighbours.
+        cache_t: retrieval: the softmax temperature over their scores.
+        cache_weight: retrieval: the share of the retrieved embedding in the result.
+        options: expert, sampling, seed, merging, precision, device and CLIP weights (see `open_session`).
     """
     from lit_adapter.inference.chat import ChatSession, run_chat
 
     if image is not None:
         check_image(image)  # a bad --image ends the command (exit 2); a bad /image in the chat is only a notice
     session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
-    if prompt_style is None:
-        use_conversation_style(session)
+    bind = prepare_bind(session.engine, {}, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    use_conversation_style(session, explicit=prompt_style is not None)
     chat_session = ChatSession(session.engine, session.decoding, system or None, session.expert, session.expert_slot,
                                session.generator)
-    if image is not None:
+    if image is not None and bind:
+        chat_session.set_input("image", str(image), strict=True)
+    elif image is not None:
         chat_session.set_image(str(image), strict=True)
     run_chat(chat_session, sys.stdin, interactive=sys.stdin.isatty())
 
 
-def use_conversation_style(session: Session) -> None:
-    """Switch a session whose style takes no conversations to the one that does (see `conversation_style`); its
-    stop sequences join the decoding's (a single-turn style has none)."""
+def use_conversation_style(session: Session, explicit: bool = False) -> None:
+    """Switch a session whose style takes no conversations to one that does: a style the user chose (`explicit`)
+    to its multi-turn form, else as `conversation_style` says; its stop sequences join the decoding's (a
+    single-turn style has none)."""
     from lit_adapter.inference.chat import conversation_style
+    from lit_adapter.prompts import multi_turn_form
 
-    style = conversation_style(session.engine)
+    style = multi_turn_form(session.engine.style) if explicit else conversation_style(session.engine)
     session.engine.style = style
     session.decoding = replace(session.decoding, stop=tuple(dict.fromkeys([*style.stop_sequences,
                                                                            *session.decoding.stop])))

@@ -12,6 +12,10 @@
 - `CheckpointHygiene` (checkpoint_io.py) removes what killed checkpoint writes left and keeps `save_top_k` across
   resumes.
 - `FitSummary` prints the validation loss before training (the sanity check) and the summary at the end of fit.
+- `CountedModelSummary`: Lightning's plain model summary without its FLOPs column, which would say 0.
+- `progress_bar()`: Lightning's bar (rich's when rich is installed, else tqdm's) showing each source's latest training
+  loss (`train_instruction_loss`, `train_caption_loss`) instead of `train_loss`, which alternates between the
+  sources in joint training, and the epoch alone where a run is counted in steps (rich's bar would say "Epoch 1/-2").
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar, TQDMProgressBar
 
 from lit_adapter.checkpoint import CONFIG_FILE, load_config, save_yaml, tokenizer_path
+from lit_adapter.data.batch import SOURCES
 from lit_adapter.devices import peak_memory_gb
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import atomic_path, remove_stale_temporaries
@@ -168,9 +174,57 @@ class FitSummary(Callback):
             print(summary, flush=True)
 
 
-def default_callbacks(export: bool = True) -> list[Callback]:
+class SourceLossesInBar:
+    """Progress-bar metrics with each source's latest training loss in place of `train_loss` (mixed into a bar)."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        losses = {name: float(value) for source in SOURCES
+                  if (value := trainer.callback_metrics.get(name := f"train_{source}_loss")) is not None}
+        if losses:
+            metrics.pop("train_loss", None)
+            metrics.update(losses)
+        return metrics
+
+
+class CountedModelSummary(ModelSummary):
+    """Lightning's model summary without the FLOPs it did not count (0: our model declares no example input)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        if not total_flops:
+            summary_data = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                               total_flops, **summarize_kwargs)
+
+
+class SourceTQDMProgressBar(SourceLossesInBar, TQDMProgressBar):
+    """tqdm's bar with the per-source training losses."""
+
+
+class SourceRichProgressBar(SourceLossesInBar, RichProgressBar):
+    """rich's bar with the per-source training losses and, for a run counted in steps, the epoch alone."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"  # max_epochs -1: no epoch limit, the run is counted in steps
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+
+def progress_bar() -> Callback:
+    """The bar of `lit-adapter fit`: rich's when rich is installed (as Lightning's default), else tqdm's."""
+    from importlib.util import find_spec
+
+    return SourceRichProgressBar() if find_spec("rich") is not None else SourceTQDMProgressBar()
+
+
+def default_callbacks(export: bool = True, bar: bool = False) -> list[Callback]:
     """Throughput logging, the export at the end of fit (unless `export` is False), the summary (in this order: the
-    summary names the exported adapter), and the checkpoint folders' hygiene."""
+    summary names the exported adapter), the checkpoint folders' hygiene and, with `bar`, the progress bar."""
     throughput = TrainingThroughput()
     exporter = AdapterExport(throughput=throughput) if export else None
-    return [throughput, *([exporter] if exporter else []), FitSummary(throughput, exporter), CheckpointHygiene()]
+    callbacks = [throughput, *([exporter] if exporter else []), FitSummary(throughput, exporter), CheckpointHygiene()]
+    return [*callbacks, progress_bar()] if bar else callbacks

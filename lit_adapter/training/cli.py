@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lit_adapter.data.batch import INSTRUCTION
 from lit_adapter.data.joint import JointDataModule
 from lit_adapter.errors import LitAdapterError, first_line
-from lit_adapter.training.callbacks import default_callbacks
+from lit_adapter.training.callbacks import CountedModelSummary, default_callbacks
 from lit_adapter.training.checkpoint_io import AtomicCheckpointIO
 from lit_adapter.training.module import LitAdapterModule
 from lit_adapter.training.precision import trainer_precision
@@ -120,7 +120,11 @@ class AdapterCLI(LightningCLI):
         precision = trainer_precision(config.trainer.precision)
         kwargs["precision"] = precision["precision"]
         kwargs["plugins"] = [*(_as_list(chosen.trainer.plugins) or [AtomicCheckpointIO()]), *precision["plugins"]]
-        kwargs["callbacks"] = [*_as_list(chosen.trainer.callbacks), *default_callbacks(export=config.export_adapter)]
+        summary = quiet_defaults(config, chosen)
+        if summary:
+            kwargs["enable_model_summary"] = False  # ours replaces Lightning's (which would announce the swap)
+        kwargs["callbacks"] = [*_as_list(chosen.trainer.callbacks), *summary,
+                               *default_callbacks(export=config.export_adapter, bar=wants_bar(config, chosen))]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
@@ -145,6 +149,21 @@ class AdapterCLI(LightningCLI):
             checkpoint = check_resume_file(ckpt_path)
         if checkpoint is not None:
             check_adapter_matches(checkpoint, str(ckpt_path), self.model.hparams)
+
+
+def wants_bar(config: Any, chosen: Any) -> bool:
+    """Whether our progress bar goes in: the bar is on and no callback of the user's is a bar."""
+    own = any(isinstance(callback, ProgressBar) for callback in _as_list(chosen.trainer.callbacks))
+    return config.trainer.enable_progress_bar is not False and not own
+
+
+def quiet_defaults(config: Any, chosen: Any) -> list:
+    """Our model summary (Lightning's plain one without its FLOPs, which it cannot count for our model) unless the
+    user chose one or none; its "0 Total Flops" line goes too (`_quiet_lines`)."""
+    own = any(isinstance(callback, ModelSummary) for callback in _as_list(chosen.trainer.callbacks))
+    if own or config.trainer.enable_model_summary is False:
+        return []
+    return [CountedModelSummary(max_depth=1)]
 
 
 def _as_dict(namespace: Any) -> dict:
@@ -214,15 +233,32 @@ def check_routing(route_groups: bool, visual: bool, carries_images: dict[str, bo
 
 class _InformationToStdout(logging.StreamHandler):
     """Lightning's information lines (seed, devices, restored checkpoint) go to stdout, with its progress bar and
-    the summary; its warnings and errors stay on stderr, so a failed run's stderr is its one error line."""
+    the summary; its warnings and errors stay on stderr, so a failed run's stderr is its one error line. Lines a
+    user cannot act on are left out (`_quiet_lines`)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
         self.addFilter(lambda record: record.levelno < logging.WARNING)
+        self.addFilter(_quiet_lines)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stdout  # the stdout of the moment (a caller may have swapped it)
         super().emit(record)
+
+
+# Lightning's advertisement for its cloud logger, printed on every fit
+_TIP = "💡 Tip:"
+_NO_FLOPS = re.compile(r"\n?^[ \t]*0[ \t]+Total Flops[ \t]*$", re.MULTILINE)
+
+
+def _quiet_lines(record: logging.LogRecord) -> bool:
+    """Drop the logger tip; cut the model summary's "0 Total Flops" line (a count Lightning did not make)."""
+    message = record.getMessage()
+    if message.startswith(_TIP):
+        return False
+    if _NO_FLOPS.search(message):
+        record.msg, record.args = _NO_FLOPS.sub("", message), ()
+    return True
 
 
 def information_to_stdout() -> None:
@@ -243,6 +279,8 @@ def run_cli(subcommand: str, argv: list[str]) -> AdapterCLI:
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         # the frozen CLIP tower stays in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+        # Lightning's own use of a torch pytree class torch deprecates: nothing a user can change
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
             return AdapterCLI(args=[subcommand, *argv])
         except RuntimeError as err:  # what the resume checks above cannot foresee (e.g. another base model)

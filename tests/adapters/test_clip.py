@@ -157,3 +157,62 @@ def test_eval_transform_center_crops_the_shortest_side():
         image_transform("not-a-model", train=False)
 
 
+
+
+# ---- shapes without open_clip, the lazy tower, --clip_weights, the channel order ----
+
+@pytest.mark.parametrize("name", ["ViT-L-14", "ViT-B-32", "ViT-L-14-quickgelu", "RN50", TINY_CLIP_MODEL])
+def test_model_shapes_read_from_the_config_files_are_open_clips(name):
+    assert clip_module.clip_model_config(name) == clip_module.load_open_clip().get_model_config(name)
+
+
+def test_the_lazy_tower_is_built_on_first_use_with_the_eager_towers_weights(tmp_path, images, clip_weights):
+    eager = VisualAdapter(tiny_config(clip_pretrained=clip_weights), 64)
+    with clip_module.clip_options(lazy=True):
+        lazy = VisualAdapter(tiny_config(clip_pretrained=clip_weights), 64)
+    lazy.load_state_dict({k: v for k, v in eager.state_dict().items() if not k.startswith("clip.")}, strict=False)
+    assert isinstance(lazy.clip, clip_module.LazyClipEncoder) and not lazy.clip.built
+    assert list(lazy.clip.parameters()) == [] and lazy.clip.embed_dim == eager.clip.embed_dim
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(images), eager(images), atol=0, rtol=0)
+    assert lazy.clip.built and not any(p.requires_grad for p in lazy.clip.parameters()) and not lazy.clip.training
+
+
+def test_clip_weights_replace_the_configs_tower_weights(tmp_path, images, clip_weights):
+    from_file = build_clip_encoder(tiny_config(clip_pretrained=clip_weights))
+    with clip_module.clip_options(weights=clip_weights):
+        replaced = build_clip_encoder(tiny_config(clip_pretrained=None))  # would be random without the option
+    torch.testing.assert_close(replaced(images), from_file(images), atol=0, rtol=0)
+    with pytest.raises(LitAdapterError, match=r"--clip_weights .*missing.pt: file not found"):
+        with clip_module.clip_options(weights=tmp_path / "missing.pt"):
+            pass
+
+
+def test_clip_weights_keep_the_quickgelu_of_the_openai_tag(monkeypatch, tmp_path):
+    calls = []
+
+    def create(name, **kwargs):
+        calls.append((name, kwargs))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(clip_module.load_open_clip(), "create_model", create)
+    (tmp_path / "ViT-L-14.pt").write_bytes(b"")
+    with clip_module.clip_options(weights=tmp_path / "ViT-L-14.pt"), pytest.raises(LitAdapterError):
+        build_clip_encoder(VisualConfig(clip_model="ViT-L-14", clip_pretrained="openai"))
+    assert calls[0][1]["pretrained"] is None and calls[0][1]["force_quick_gelu"] is True  # the file, not the tag
+
+
+def test_bgr_channel_order_is_what_the_official_opencv_reading_feeds():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    # the official code: cv2.imread gives the BGR array, Image.fromarray takes it unchanged, then the CLIP transform
+    as_official = Image.fromarray(np.ascontiguousarray(np.asarray(rgb)[..., ::-1]))
+    reference = image_transform(TINY_CLIP_MODEL, train=False)(as_official)
+    torch.testing.assert_close(image_transform(TINY_CLIP_MODEL, train=False, channel_order="bgr")(rgb), reference,
+                               atol=0, rtol=0)
+    assert VisualConfig(clip_model=TINY_CLIP_MODEL, channel_order="bgr").transform(train=False)(rgb).equal(reference)
+    assert not image_transform(TINY_CLIP_MODEL, train=False)(rgb).equal(reference)
+    with pytest.raises(LitAdapterError, match="channel_order"):
+        VisualConfig(clip_model=TINY_CLIP_MODEL, channel_order="gbr")

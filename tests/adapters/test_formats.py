@@ -262,3 +262,72 @@ def test_a_wrong_shape_in_an_official_file_names_the_official_key(stories260k, t
     with pytest.raises(LitAdapterError) as err:
         load_adapter(stories260k, tmp_path / "LORA-BIAS-7B.pth", visual=tiny_visual(clip_pretrained=clip_weights))
     one_line_error(err, "LORA-BIAS-7B.pth", "'llama.layers.1.attention.lora_wk_l2.weight'", "[64, 2]", "[32, 2]")
+
+
+# ---- official V2 files: text-only without CLIP weights, BGR images; 65B files answer in the chat template ----
+
+def official_v2_vit_l(lora: bool = False) -> dict:
+    """An official V2 file whose visual adapter takes ViT-L/14's 768-wide features (as BIAS-7B), at tiny widths:
+    it implies open_clip's ViT-L-14 with the `openai` weights, which are nowhere on this machine."""
+    from lit_adapter.adapters.formats.official import VISUAL_PREFIXES
+    from lit_adapter.adapters.visual import VisualConfig
+
+    checkpoint = official_v2(None, lora)
+    sd = {k: v for k, v in checkpoint["model"].items() if not k.startswith(VISUAL_PREFIXES)}
+    torch.manual_seed(5)
+    visual = VisualAdapter(VisualConfig(clip_model="ViT-L-14", clip_pretrained=None, visual_len=3, n_blocks=1,
+                                        block_heads=16, width=32), DIM, load_clip=False)
+    sd |= {name: rand(*param.shape) for name, param in visual.named_parameters()}
+    return {**checkpoint, "model": sd}
+
+
+def test_official_v2_file_generates_text_only_without_clip_weights(stories260k_dir, tmp_path, capsys, monkeypatch):
+    import json
+    import socket
+
+    from lit_adapter.adapters.model import assign_adapter
+    from lit_adapter.checkpoint import load_model
+    from lit_adapter.inference.engine import Decoding
+    from tests.helpers import run_main
+    from tests.inference.conftest import engine_for
+
+    torch.save(official_v2_vit_l(), tmp_path / "BIAS-7B.pth")
+    adapter = read_adapter(tmp_path / "BIAS-7B.pth", load_config_of(stories260k_dir))
+    assert (adapter.config.visual.clip_model, adapter.config.visual.clip_pretrained) == ("ViT-L-14", "openai")
+    assert adapter.config.visual.channel_order == "bgr"  # as the official code feeds its images
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    code, out, err = run_main(["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter",
+                               str(tmp_path / "BIAS-7B.pth"), "--prompt", "Tell me a story.", "--temperature", "0",
+                               "--max_new_tokens", "12", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    # the reference: the same file on a model built without any CLIP tower, decoded greedily
+    model = attach_adapters(load_model(stories260k_dir), adapter.config, load_clip=False)
+    assign_adapter(model, adapter)
+    engine = engine_for(stories260k_dir, model.eval(), style="alpaca")
+    expected = engine.complete(engine.encode(engine.format("Tell me a story.")), Decoding(max_new_tokens=12))
+    assert json.loads(out)["text"] == expected.text
+
+
+def load_config_of(checkpoint_dir):
+    from lit_adapter.checkpoint import load_config
+
+    return load_config(checkpoint_dir)
+
+
+def test_official_65b_files_answer_in_the_chat_template(stories260k_dir, tmp_path):
+    from lit_adapter.inference.engine import Engine
+
+    sd = {f"layers.{i}.{parent}.{n}_{part}": rand(out) if part == "bias" else 1 + rand(inp)
+          for i in range(LAYERS) for parent, shapes in (("attention", ATTENTION), ("feed_forward", FFN))
+          for n, (out, inp) in shapes.items() for part in ("bias", "scale")}
+    torch.save({"model": sd}, tmp_path / "chat65b.pth")
+    assert read_adapter(tmp_path / "chat65b.pth", load_config_of(stories260k_dir)).config.prompt_style == "chat"
+    engine = Engine.load(stories260k_dir, tmp_path / "chat65b.pth", device="cpu", precision="32-true")
+    assert engine.style.name == "chat" and engine.style.stop_sequences == ("###",)
+    seeded = Engine.load(stories260k_dir, tmp_path / "chat65b.pth", device="cpu", precision="32-true",
+                         prompt_style="chat_official")
+    assert seeded.format("Hi").endswith("###Human: Hi###Assistant:") and "three tips" in seeded.format("Hi")

@@ -237,3 +237,21 @@ def test_official_v1_file(stories260k_dir, tmp_path, capsys):
     ids = load_tokenizer_ids(stories260k_dir, get_prompt_style("alpaca").apply("Tell me a story"))
     expected = decode(stories260k_dir, list(generate_tokens(reference.llama, torch.tensor(ids), 20, eos_id=2)))
     assert record["prompt_tokens"] == len(ids) and record["text"] == expected
+
+
+def test_clip_weights_and_the_multi_turn_styles_through_the_command(stories260k_dir, adapter_dir, tmp_path, capsys):
+    code, _, err = run(["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(adapter_dir),
+                        "--prompt", "Hi", "--clip_weights", str(tmp_path / "missing.pt")], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --clip_weights {tmp_path / 'missing.pt'}: file not found (a local open_clip or OpenAI CLIP weights "
+        "file: .pt, .pth, .bin, .safetensors)"]
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    common = ["generate", "--checkpoint_dir", str(stories260k_dir), "--adapter", str(adapter_dir), "--temperature",
+              "0", "--max_new_tokens", "6"]
+    # the adapter's alpaca in its multi-turn form: one user message is the single-turn prompt itself
+    answered, prompted = (run_json([*common, *extra], capsys) for extra in (["--messages", str(messages)],
+                                                                           ["--prompt", "Hi"]))
+    assert (answered["text"], answered["prompt_tokens"]) == (prompted["text"], prompted["prompt_tokens"])
+    code, _, err = run([*common, "--messages", str(messages), "--prompt_style", "raw"], capsys)
+    assert code == 2 and "'raw' has no multi-turn form" in err

@@ -5,9 +5,12 @@
 - V2 (`{'model': sd, 'config': {w_bias, w_lora, lora_rank}}`): `adapter_query.weight`, the visual adapter
   (`clip_proj*`, `visual_query`, `visual_blocks.*`, `visual_proj*`), and under `llama.`: gates, wq/wo/w1/w2/w3 biases,
   norms, `lora_w*_l{1,2}`, `new_gate`. Visual tokens are added to every layer's prompts (late fusion); the prompt
-  keys/values skip LoRA, as in the official code.
+  keys/values skip LoRA, as in the official code. Their images are fed BGR (`channel_order: bgr`): the official code
+  reads them with cv2.imread and hands the BGR array to PIL unchanged. The CLIP tower they name (ViT-L/14, open_clip's
+  `openai` download) is built only when an image arrives; `--clip_weights PATH` gives a local copy.
 - 65B chat (`{'model': sd}`): `layers.{i}.attention.wq_bias`, `wq_scale`, ... (y = W(s*x)+b on all seven linears),
-  norms, and optionally `adapter_query.weight` with gates on the adapted layers only.
+  norms, and optionally `adapter_query.weight` with gates on the adapted layers only. Prompt style `chat` (the
+  official demo's seeded form: `chat_official`).
 
 Each format is a table of rules: the file's key (a full-match regex) -> our key (a `re.Match.expand` template).
 """
@@ -88,8 +91,11 @@ def read(path: Path, base: ModelConfig, adapter_len: Optional[int], visual: Opti
     elif kind == "official-v2":
         config = _v2_config(state, meta, mapper, count, visual)
     else:
+        # the 65B chat model answers in the chat template (system line, Human/Assistant, "###"); the official demo's
+        # seeded form of it is prompt style chat_official
         config = AdapterConfig(adapter_len=mapper.adapter_len, adapter_layers=count, gate_activation="tanh",
-                               bias_mode="official_65b", train_norms=any(k.endswith("norm.weight") for k in state))
+                               bias_mode="official_65b", train_norms=any(k.endswith("norm.weight") for k in state),
+                               prompt_style="chat")
     return AdapterFile(config, mapper.tensors, path, kind, mapper.origin)
 
 
@@ -229,6 +235,8 @@ def _visual_config(state: Tensors, path: Path) -> VisualConfig:
         raise LitAdapterError(f"{path}: key 'clip_proj.weight' takes {embed}-wide CLIP features, not ViT-L-14's; "
                               "pass the visual config of its CLIP model")
     blocks = {int(m[1]) for k in state if (m := re.match(r"visual_blocks\.(\d+)\.", k))}
+    # channel order BGR: the official code reads images with cv2.imread and hands the BGR array to PIL unchanged
+    # (training, demo and MME evaluation alike), so these weights were trained on red and blue swapped
     return VisualConfig(clip_model="ViT-L-14", clip_pretrained="openai", mode="tokens",
                         visual_len=state["visual_query.weight"].shape[0], n_blocks=len(blocks), block_heads=16,
-                        mlp_ratio=hidden / width, width=width)
+                        mlp_ratio=hidden / width, width=width, channel_order="bgr")
