@@ -96,12 +96,12 @@ def visual_adapter_dir(stories260k_dir: Path, tmp_path_factory) -> Path:
     return save_adapter(model, tmp_path_factory.mktemp("visual-adapter"))
 
 
-def test_text_only_generate_never_imports_open_clip(stories260k_dir: Path, visual_adapter_dir: Path) -> None:
+def test_text_only_generate_never_imports_open_clip_timm_or_torchvision(stories260k_dir: Path, visual_adapter_dir: Path) -> None:
     script = (
         "import sys; from lit_adapter.cli import main; "
         f"main(['generate', '--checkpoint_dir', {str(stories260k_dir)!r}, '--adapter', {str(visual_adapter_dir)!r}, "
         "'--prompt', 'Hi', '--max_new_tokens', '4', '--temperature', '0', '--json']); "
-        "print(sorted(m for m in ('open_clip', 'timm.models.vision_transformer') if m in sys.modules))"
+        "print(sorted(m for m in ('open_clip', 'timm', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=120, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
@@ -109,4 +109,4 @@ def test_text_only_generate_never_imports_open_clip(stories260k_dir: Path, visua
     assert result.returncode == 0, result.stderr
     record, imported = result.stdout.strip().splitlines()
     assert json.loads(record)["new_tokens"] == 4
-    assert "open_clip" not in imported, imported
+    assert imported == "[]", imported  # none of open_clip, timm (the ViT blocks are ours) or torchvision

@@ -1,7 +1,7 @@
 """The visual path: a frozen open_clip image tower and the trainable adapter that turns its features into LLaMA tokens.
 
 Mode "tokens" (LLaMA-Adapter V2, official 7B multimodal): all CLIP tokens after `ln_post` and the visual projection
-(ViT-L/14: 257 x 768) -> `clip_proj` + `clip_proj_norm` -> `visual_query` prepended -> `visual_blocks` (timm ViT blocks)
+(ViT-L/14: 257 x 768) -> `clip_proj` + `clip_proj_norm` -> `visual_query` prepended -> `visual_blocks` (`ViTBlock`s)
 -> the first `visual_len` tokens -> `visual_proj` + `visual_proj_norm` -> [B, visual_len, llama_dim].
 
 Mode "global" (LLaMA-Adapter V1 multimodal, ScienceQA): the CLIP global image embedding -> `visual_proj`, a two-layer
@@ -134,6 +134,31 @@ class VisualConfig(DictConfig):
         return image_transform(self.clip_model, train, self.image_size, self.clip_pretrained, self.channel_order)
 
 
+class ViTBlock(nn.Module):
+    """The ViT block of the official visual adapter (timm's `Block` with a qkv bias and torch's LayerNorm; no layer
+    scale, drop path or q/k norm), under timm's parameter names so that official files load as they are:
+    x += proj(attention(qkv(norm1(x)))); x += fc2(gelu(fc1(norm2(x)))). Written here because importing timm (and
+    torchvision through it) costs seconds at every start of a command that loads such an adapter."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).view(batch, length, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, length, head_dim]
+        attended = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, dim)
+        x = x + self.attn.proj(attended)
+        return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
 class BindBlock(nn.Module):
     """x + f2(silu(f1(n(x))) * f3(n(x))), n an RMSNorm (eps 1e-6), the linears bias-free."""
 
@@ -184,15 +209,12 @@ class VisualAdapter(nn.Module):
         if config.mode == "bind":
             self.bind = BindNetwork(embed, llama_dim, config.width or 4 * llama_dim, config.n_blocks)
         elif config.mode == "tokens":
-            from timm.models.vision_transformer import Block
-
             self.clip_proj = nn.Linear(embed, width)
             self.clip_proj_norm = nn.LayerNorm(width)
             self.visual_query = nn.Embedding(config.visual_len, width)
-            # timm 0.3.2 (the official code's) used torch's LayerNorm (eps 1e-5); newer timm defaults to 1e-6.
+            # the official code's timm 0.3.2 Block used torch's LayerNorm (eps 1e-5; newer timm defaults to 1e-6)
             self.visual_blocks = nn.ModuleList(
-                Block(width, config.block_heads, config.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
-                for _ in range(config.n_blocks)
+                ViTBlock(width, config.block_heads, config.mlp_ratio) for _ in range(config.n_blocks)
             )
             self.visual_proj = nn.Linear(width, llama_dim)
         else:

@@ -209,3 +209,20 @@ def test_encoder_is_the_clip_submodule_type():
     adapter = VisualAdapter(tiny_config(), llama_dim=16)
     assert isinstance(adapter.clip, ClipEncoder)
     assert adapter.num_tokens == 3
+
+
+def test_vit_block_equals_timms_block_with_the_same_weights():
+    from timm.models.vision_transformer import Block
+
+    from lit_adapter.adapters.visual import ViTBlock
+
+    torch.manual_seed(0)
+    ours = ViTBlock(32, heads=4, mlp_ratio=2.5)
+    theirs = Block(32, 4, 2.5, qkv_bias=True, norm_layer=nn.LayerNorm)
+    assert set(ours.state_dict()) == set(theirs.state_dict())  # official files load into either
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    torch.testing.assert_close(ours.double()(x), theirs.double()(x))
