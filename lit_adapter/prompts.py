@@ -63,22 +63,14 @@ class PromptStyle:
         return [(self.apply(instruction, input), False), (output, True)]
 
 
-@dataclass(frozen=True)
-class ChatStyle(PromptStyle):
-    """`system###Human: message###Assistant: reply###Human: ...###Assistant:` (the official V2 chat format)."""
+class Conversational:
+    """What a multi-turn style derives from its `conversation_segments(turns, system)`: the whole conversation as
+    one prompt (`apply_turns`), OpenAI-style messages (`apply_messages`, `message_segments`)."""
 
-    system: str = CHAT_SYSTEM
-    roles: tuple[str, str] = ("Human", "Assistant")
-    separator: str = "###"
-    # example turns written after the system line, before the conversation (never supervised)
-    seed: tuple[tuple[str, str], ...] = ()
     multi_turn: ClassVar[bool] = True
 
-    def apply(self, instruction: str, input: str = "") -> str:
-        return self.apply_turns([(_join(instruction, input), None)])
-
     def apply_turns(self, turns: Sequence[Turn], system: Optional[str] = None) -> str:
-        """The whole conversation so far; when the last reply is missing it ends with "Assistant:" to be answered."""
+        """The conversation so far, ending where the assistant answers when the last reply is missing."""
         return "".join(text for text, _ in self.conversation_segments(turns, system))
 
     def apply_messages(self, messages: Sequence[Message]) -> str:
@@ -87,6 +79,23 @@ class ChatStyle(PromptStyle):
         if not turns or turns[-1][1] is not None:
             raise LitAdapterError("the last message must be the user's: it is the turn the model answers")
         return self.apply_turns(turns, system)
+
+    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
+        return self.conversation_segments(*messages_to_turns(messages))
+
+
+@dataclass(frozen=True)
+class ChatStyle(Conversational, PromptStyle):
+    """`system###Human: message###Assistant: reply###Human: ...###Assistant:` (the official V2 chat format)."""
+
+    system: str = CHAT_SYSTEM
+    roles: tuple[str, str] = ("Human", "Assistant")
+    separator: str = "###"
+    # example turns written after the system line, before the conversation (never supervised)
+    seed: tuple[tuple[str, str], ...] = ()
+
+    def apply(self, instruction: str, input: str = "") -> str:
+        return self.apply_turns([(_join(instruction, input), None)])
 
     def conversation_segments(self, turns: Sequence[Turn], system: Optional[str] = None) -> list[Segment]:
         """Segments of a conversation: every assistant reply (with the separator that ends it) is supervised."""
@@ -104,9 +113,6 @@ class ChatStyle(PromptStyle):
         if prompt:
             segments.append((prompt, False))
         return segments
-
-    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
-        return self.conversation_segments(*messages_to_turns(messages))
 
     def training_segments(self, instruction: str, input: str, output: str) -> list[Segment]:
         return self.conversation_segments([(_join(instruction, input), output)])
@@ -173,24 +179,13 @@ class RawStyle(PromptStyle):
 
 
 @dataclass(frozen=True)
-class TurnsForm(PromptStyle):
+class TurnsForm(Conversational, PromptStyle):
     """The multi-turn form of a single-turn style (alpaca, alpaca_zh; see `multi_turn_form`): the style's preamble
     once, then every turn in the style's own instruction/response format, each earlier reply right after its response
     header, as FastChat and LitGPT render Alpaca conversations. A single turn is exactly the style's own prompt."""
 
     preamble: str = ""
     turn: str = "{instruction}"  # one turn up to its response header, e.g. "\n\n### Instruction:\n{instruction}..."
-    multi_turn: ClassVar[bool] = True
-
-    def apply_turns(self, turns: Sequence[Turn], system: Optional[str] = None) -> str:
-        """The conversation so far, ending with the response header of the last turn when its reply is missing."""
-        return "".join(text for text, _ in self.conversation_segments(turns, system))
-
-    def apply_messages(self, messages: Sequence[Message]) -> str:
-        turns, system = messages_to_turns(messages)
-        if not turns or turns[-1][1] is not None:
-            raise LitAdapterError("the last message must be the user's: it is the turn the model answers")
-        return self.apply_turns(turns, system)
 
     def conversation_segments(self, turns: Sequence[Turn], system: Optional[str] = None) -> list[Segment]:
         """The preamble and each turn's header (no loss), each reply (loss); `system` replaces the preamble."""
@@ -205,9 +200,6 @@ class TurnsForm(PromptStyle):
         if prompt:
             segments.append((prompt, False))
         return segments
-
-    def message_segments(self, messages: Sequence[Message]) -> list[Segment]:
-        return self.conversation_segments(*messages_to_turns(messages))
 
 
 def multi_turn_form(style: PromptStyle) -> PromptStyle:
