@@ -96,7 +96,8 @@ def visual_adapter_dir(stories260k_dir: Path, tmp_path_factory) -> Path:
     return save_adapter(model, tmp_path_factory.mktemp("visual-adapter"))
 
 
-def test_text_only_generate_never_imports_open_clip_timm_or_torchvision(stories260k_dir: Path, visual_adapter_dir: Path) -> None:
+def test_text_only_generate_never_imports_open_clip_timm_or_torchvision(stories260k_dir: Path,
+                                                                         visual_adapter_dir: Path) -> None:
     script = (
         "import sys; from lit_adapter.cli import main; "
         f"main(['generate', '--checkpoint_dir', {str(stories260k_dir)!r}, '--adapter', {str(visual_adapter_dir)!r}, "
