@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lit_adapter", "lit_adapter.*"]),
     include_package_data=True,
-    package_data={"lit_adapter": ["data/demo_assets/*"]},
+    package_data={"lit_adapter": ["data/demo_assets/*", "serving/static/*"]},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
@@ -34,13 +34,17 @@ setup(
     extras_require={
         # torchaudio 2.11 requires torch>=2.11 only: it leaves CI's torch in place
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13", "ruff>=0.5", "av>=12",
-                 "plyfile>=1.0", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30", "lm-eval>=0.4.5"],
+                 "plyfile>=1.0", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30", "lm-eval>=0.4.5",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40", "langchain-core>=0.3",
+                 "langchain-openai>=0.2", "playwright>=1.44"],
         "ocr": ["pytesseract>=0.3"],
         # ImageBind-LLM's decoders and filterbanks (torchaudio 2.11 leaves any torch >= 2.11 in place)
         "imagebind": ["av>=12", "plyfile>=1.0", "torchaudio==2.11.*"],
         "retrieval": ["faiss-cpu>=1.8"],
         "diffusion": ["diffusers>=0.30", "transformers>=4.45"],  # image output (Stable unCLIP)
         "lm-eval": ["lm-eval>=0.4.5"],  # `lit-adapter eval lm-eval`
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # `lit-adapter serve`
+        "langchain": ["langchain-core>=0.3"],  # lit_adapter.integrations.langchain
     },
     entry_points={"console_scripts": ["lit-adapter=lit_adapter.cli:main"]},
 )
