@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lit_adapter", "lit_adapter.*"]),
     include_package_data=True,
-    package_data={"lit_adapter": ["data/demo_assets/*", "serving/static/*"]},
+    package_data={"lit_adapter": ["data/demo_assets/*", "serving/static/*", "cli_help_texts.json"]},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",

@@ -493,8 +493,6 @@ ROWS: dict[str, Row] = {
                                    file_setup("p.jsonl", lambda w, s: '{"prompt": "a"}\n')),
     "chat_image_missing": Row("input", "chat --checkpoint_dir {stories} --image {work}/nope.png",
                               ("{work}/nope.png", "not found"), stdin="hi\n"),
-    "chat_single_turn_style": Row("input", "chat --checkpoint_dir {stories} --prompt_style alpaca",
-                                  ("alpaca", "multi-turn"), stdin="hi\n"),
     # -- convert (a failed convert leaves nothing in {work}/out) --
     "convert_source_missing": Row("convert", "convert {work}/none --out_dir {work}/out",
                                   ("{work}/none", "not found")),

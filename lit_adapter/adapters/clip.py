@@ -21,8 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import warnings
-import zipfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -291,51 +289,6 @@ def _resolve_pretrained(clip_model: str, pretrained: Optional[str]) -> tuple[Opt
     )
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in archive.namelist())
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-                return torch.jit.load(str(path), map_location="cpu").state_dict()
-        state = load_open_clip().factory.load_state_dict(str(path))
-    except Exception as err:  # torch/safetensors raise many types for unreadable files
-        raise LitAdapterError(f"cannot read CLIP weights {path}: {first_line(err)}") from err
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _load_image_tower(model: nn.Module, path: Path, clip_model: str) -> None:
-    """Loads the image tower's tensors from a full CLIP state dict (`visual.*`) or an image-tower-only one."""
-    from open_clip.model import resize_pos_embed
-
-    state = _read_weights(path)
-    if not any(key.startswith("visual.") for key in state):
-        state = {f"visual.{key}": value for key, value in state.items()}
-    resize_pos_embed(state, model)
-    visual = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
-    try:
-        missing, unexpected = model.visual.load_state_dict(visual, strict=False)
-    except RuntimeError as err:
-        reason = _first_mismatch(err)
-        raise LitAdapterError(f"CLIP weights {path} do not fit open_clip model {clip_model!r}: {reason}") from err
-    if missing or unexpected:
-        raise LitAdapterError(
-            f"CLIP weights {path} do not fit open_clip model {clip_model!r}: "
-            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]} (check clip_model)"
-        )
-
-
-def _first_mismatch(err: RuntimeError) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-    return lines[0] if lines else first_line(err)
-
-
 class _RandomInitNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "initialized randomly" not in record.getMessage()
@@ -402,7 +355,10 @@ def _build_clip_encoder(config: VisualConfig, device: Optional[torch.device | st
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
     if weights is not None:  # the same weights from a local file: the architecture the tag implies stays
         tag, local = None, Path(weights)
-    quick_gelu = quick_gelu or bool(local and _is_torchscript(local))
+    if local is not None:
+        from lit_adapter.adapters.clip_weights import is_torchscript
+
+        quick_gelu = quick_gelu or is_torchscript(local)
     with torch.device(device or "cpu"), _quiet_random_init(local is not None or name == TINY_CLIP_MODEL):
         try:
             model = open_clip.create_model(
@@ -422,6 +378,8 @@ def _build_clip_encoder(config: VisualConfig, device: Optional[torch.device | st
                 "weights file: --clip_weights PATH (generate, chat) or the config key visual.clip_pretrained: PATH"
             ) from err
         if local is not None:
-            _load_image_tower(model, local, config.clip_model)
+            from lit_adapter.adapters.clip_weights import load_image_tower
+
+            load_image_tower(model, local, config.clip_model)
     return ClipEncoder(model.visual, config.clip_model, clip_embed_dim(name), config.resolved_image_size)
 

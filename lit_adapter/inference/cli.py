@@ -293,16 +293,16 @@ def prepare_bind(engine: Engine, media: dict, encoder_weights: Optional[Path], c
                  cache_size: int, cache_t: float, cache_weight: float) -> bool:
     """For an ImageBind-LLM adapter: attach its encoder (`encoder_weights`) and cache; True. Other models: False,
     and any input only ImageBind-LLM takes is refused."""
+    from lit_adapter.media.inputs import bind_visual
+    from lit_adapter.media.inputs import prepare_bind as attach
+
     visual = getattr(engine.adapter_model, "visual", None)
     if visual is None or visual.config.mode != "bind":
         extra = [f"--{kind}" for kind, spec in media.items() if spec is not None and kind != "image"]
         extra += ["--encoder_weights"] * bool(encoder_weights) + ["--cache_index"] * bool(cache_index)
         if extra:
-            raise LitAdapterError(f"{extra[0]}: needs an ImageBind-LLM adapter (--adapter 7B.pth, or one trained "
-                                  "with encoder imagebind)")
+            bind_visual(engine.adapter_model, extra[0])  # refused in one line
         return False
-    from lit_adapter.media.inputs import prepare_bind as attach
-
     attach(visual, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
     return True
 
@@ -327,13 +327,9 @@ def draw_image(engine: Engine, media: dict, bind: bool, prompt: str, output_imag
 
 def bind_tokens(engine: Engine, media: dict) -> Optional[torch.Tensor]:
     """ImageBind-LLM's visual token [1, 1, dim] for the weighted inputs (None without inputs)."""
-    from lit_adapter.media.inputs import parse_inputs, read_inputs
+    from lit_adapter.media.inputs import bind_tokens as encode
 
-    inputs = parse_inputs(media)
-    if not inputs:
-        return None
-    with torch.inference_mode():
-        return engine.adapter_model.encode_images(read_inputs(inputs, engine.device))
+    return encode(engine.adapter_model, media, engine.device)
 
 
 def make_expert(

@@ -139,13 +139,9 @@ def test_outputs_file_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_help(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--help"])
-    assert exit_info.value.code == 0
+    main(["eval", "--help"])  # the stored text (tests/test_startup.py checks it is the live one)
     assert "scienceqa" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "scienceqa", "--help"])
-    assert exit_info.value.code == 0
+    main(["eval", "scienceqa", "--help"])
     text = capsys.readouterr().out
     for option in ("--data_dir", "--split", "--checkpoint_dir", "--adapter", "--captions", "--images", "--limit",
                    "--batch_size", "--output", "--mode", "--outputs_file", "--max_new_tokens", "--precision",
