@@ -100,3 +100,13 @@ def write_image(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: i
         image.putpixel((x, x), (255 - color[0], 255 - color[1], 255 - color[2]))
     image.save(path)
     return path
+
+
+def family_checkpoints(root: Path, assets: Path, families: dict, seed: int = 0) -> dict[str, Path]:
+    """family -> a checkpoint folder under `root` with random weights (seeds from `seed` on) and the tok512
+    tokenizer."""
+    from lit_adapter.checkpoint import save_checkpoint
+
+    tokenizer = assets / "stories260K" / "tok512.model"
+    return {family: save_checkpoint(root / family, random_state_dict(config, seed + index), config, tokenizer)
+            for index, (family, config) in enumerate(families.items())}

@@ -131,12 +131,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         check_model(name, settings)
         return model_card
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
+    async def read_request(request: Request, schema: type) -> Any:
+        """The request's body as `schema`, once the key, the JSON, the fields and the model name are checked."""
         authorize(request, settings)
-        body = protocol.parse(await request.body(), ChatRequest)
+        body = protocol.parse(await request.body(), schema)
         body.refuse_unsupported()
         check_model(body.model, settings)
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await read_request(request, ChatRequest)
         messages = [message.model_dump() for message in body.messages]
         ids, image = await asyncio.to_thread(_chat_prompt, engine, messages, settings.images)
         decoding = request_decoding(replace(settings.chat_defaults, stop=engine.style.stop_sequences), body,
@@ -150,10 +155,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        authorize(request, settings)
-        body = protocol.parse(await request.body(), CompletionRequest)
-        body.refuse_unsupported()
-        check_model(body.model, settings)
+        body = await read_request(request, CompletionRequest)
         ids = await asyncio.to_thread(_completion_prompt, engine, body.text())
         decoding = request_decoding(settings.completion_defaults, body, settings.max_new_tokens)
         job = _submit(scheduler, ids, decoding, body.seed, None, lstrip=False)

@@ -16,10 +16,10 @@ import torch
 from lit_adapter.adapters import AdapterConfig, build_adapter_model, load_adapter_model, save_adapter
 from lit_adapter.adapters.linear import AdaptedLinear
 from lit_adapter.adapters.merge import merge, merge_linears
-from lit_adapter.checkpoint import load_model, save_checkpoint
+from lit_adapter.checkpoint import load_model
 from lit_adapter.config import ModelConfig
 from tests.adapters.helpers import randomize
-from tests.helpers import random_state_dict
+from tests.helpers import family_checkpoints
 from tests.training import helpers as training
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)
@@ -56,10 +56,7 @@ def _one_thread(one_torch_thread: None) -> None:
 @pytest.fixture(scope="module")
 def folders(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """family -> a checkpoint folder with random weights and the tok512 tokenizer."""
-    root = tmp_path_factory.mktemp("family-checkpoints")
-    tokenizer = assets / "stories260K" / "tok512.model"
-    return {family: save_checkpoint(root / family, random_state_dict(config, seed), config, tokenizer)
-            for seed, (family, config) in enumerate(FAMILIES.items())}
+    return family_checkpoints(tmp_path_factory.mktemp("family-checkpoints"), assets, FAMILIES)
 
 
 def token_ids(seed: int = 0) -> torch.Tensor:

@@ -13,14 +13,13 @@ import torch
 
 from lit_adapter.adapters import AdapterConfig, build_adapter_model, load_adapter_model, save_adapter
 from lit_adapter.adapters.merge import merge_linears
-from lit_adapter.checkpoint import save_checkpoint
 from lit_adapter.convert.export import export
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.inference.engine import Decoding, Engine
 from lit_adapter.inference.generate import generate_tokens
 from tests.adapters.helpers import randomize
 from tests.adapters.test_families import FAMILIES
-from tests.helpers import random_state_dict, run_main
+from tests.helpers import family_checkpoints, run_main
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,10 +42,7 @@ def _one_thread(one_torch_thread: None) -> None:
 @pytest.fixture(scope="module")
 def family_dirs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """family -> a checkpoint folder with random weights and the tok512 tokenizer."""
-    root = tmp_path_factory.mktemp("export-families")
-    tokenizer = assets / "stories260K" / "tok512.model"
-    return {family: save_checkpoint(root / family, random_state_dict(config, seed + 10), config, tokenizer)
-            for seed, (family, config) in enumerate(FAMILIES.items())}
+    return family_checkpoints(tmp_path_factory.mktemp("export-families"), assets, FAMILIES, seed=10)
 
 
 def make_adapter(folder: Path, config: AdapterConfig, out: Path, seed: int = 1) -> Path:
