@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -266,20 +265,9 @@ def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
     machine = harness.machine_info()
-    configurations = [(run, precision) for precision in args.precisions for run in args.runs]
-    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in configurations}
     with tempfile.TemporaryDirectory(prefix="lit-adapter-bench-") as folder:
         write_weights(args, Path(folder))
-        for index in range(args.rounds):
-            for run, precision in configurations:
-                print(f"[generate] round {index + 1}/{args.rounds}: {run} {precision} ...", file=sys.stderr,
-                      flush=True)
-                flags = ["--child", "--run", run, "--precision", precision, "--weights", folder,
-                         *harness.child_args(args, CHILD_FLAGS)]
-                result = harness.run_child("benchmarks.generate", flags, wait_idle=args.wait_idle)
-                result.setdefault("run", run)
-                result.setdefault("precision", precision)
-                rounds[(run, precision)].append(result)
+        rounds = harness.run_rounds("benchmarks.generate", args, CHILD_FLAGS, extra=["--weights", folder])
     results = [pool_rounds(rs) for rs in rounds.values()]
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     rows, ratios = rows_and_ratios(results)

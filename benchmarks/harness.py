@@ -167,6 +167,24 @@ def _run(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]:
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
+def run_rounds(module: str, args: argparse.Namespace, child_flags: Sequence[str],
+               extra: Sequence[str] = ()) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every (run, precision) of `args` in its own child process, `args.rounds` times interleaved (so that a
+    disturbed minute hits one round of each, not every round of one): the results per configuration."""
+    configurations = [(run, precision) for precision in args.precisions for run in args.runs]
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in configurations}
+    name = module.rsplit(".", 1)[-1]
+    for index in range(args.rounds):
+        for run, precision in configurations:
+            print(f"[{name}] round {index + 1}/{args.rounds}: {run} {precision} ...", file=sys.stderr, flush=True)
+            flags = ["--child", "--run", run, "--precision", precision, *extra, *child_args(args, child_flags)]
+            result = run_child(module, flags, wait_idle=args.wait_idle)
+            result.setdefault("run", run)
+            result.setdefault("precision", precision)
+            rounds[(run, precision)].append(result)
+    return rounds
+
+
 def child_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     """Re-create the flags `names` of the parsed arguments for a child process."""
     out = []

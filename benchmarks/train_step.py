@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
 from benchmarks import harness
@@ -171,16 +170,7 @@ RATIO_COLUMNS: list[harness.Column] = [
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
     machine = harness.machine_info()
-    configurations = [(run, precision) for precision in args.precisions for run in args.runs]
-    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in configurations}
-    for index in range(args.rounds):
-        for run, precision in configurations:
-            print(f"[train_step] round {index + 1}/{args.rounds}: {run} {precision} ...", file=sys.stderr, flush=True)
-            flags = ["--child", "--run", run, "--precision", precision, *harness.child_args(args, CHILD_FLAGS)]
-            result = harness.run_child("benchmarks.train_step", flags, wait_idle=args.wait_idle)
-            result.setdefault("run", run)
-            result.setdefault("precision", precision)
-            rounds[(run, precision)].append(result)
+    rounds = harness.run_rounds("benchmarks.train_step", args, CHILD_FLAGS)
     results = [pool_rounds(rs) for rs in rounds.values()]
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report = {
