@@ -8,20 +8,27 @@ exception escaping `main()` is printed and exits 1, as the interpreter would. Wh
 output printed while the modules import; `test_cli_errors.py` runs a few rows as real subprocesses to show that
 there is none.
 
-Usage (from the tests): `run_batch(requests, workers)`; each request is a dict with argv, cwd, env, stdin, out
-(a folder that receives stdout / stderr).
+Two ways in (from the tests): `run_batch(requests, workers)` runs a list of requests in one batch process, several
+at a time; `run_forked(request, timeout)` runs one request in the session's lasting batch process (started on first
+use, with the environment of the first caller; each request then brings its whole environment), one at a time, for
+tests that run commands one after another. A request is a dict with argv, cwd, env (added to the batch process's
+environment) or environ (the whole environment), stdin, out (a folder that receives stdout / stderr).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRELOADED = (
@@ -60,9 +67,13 @@ def _child(request: dict[str, Any]) -> None:
             os.close(handle)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, as at start-up
         os.chdir(request["cwd"])
+        if "environ" in request:
+            os.environ.clear()
+            os.environ.update(request["environ"])
         os.environ.update(request.get("env") or {})
         sys.path[:0] = request.get("pythonpath") or []  # what PYTHONPATH would add
-        sys.argv = ["lit-adapter", *request["argv"]]
+        # the console script's own path, as a launcher re-running this command (Lightning's DDP) needs it
+        sys.argv = [str(Path(sys.executable).with_name("lit-adapter")), *request["argv"]]
         from lit_adapter.cli import main
 
         try:
@@ -84,11 +95,15 @@ def _child(request: dict[str, Any]) -> None:
         os._exit(code)
 
 
-def _serve(workers: int) -> None:
+def _preload() -> None:
     import importlib
 
     for module in PRELOADED:
         importlib.import_module(module)
+
+
+def _serve(workers: int) -> None:
+    _preload()
     requests = json.loads(sys.stdin.read())
     codes: list[int] = [0] * len(requests)
     seconds: list[float] = [0.0] * len(requests)
@@ -109,5 +124,66 @@ def _serve(workers: int) -> None:
     print(json.dumps([codes, seconds]))
 
 
+def _serve_lasting() -> None:
+    """One request per line on stdin, one after another: answers {"pid"} once forked, then {"code", "seconds"}."""
+    _preload()
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - started}),
+              flush=True)
+
+
+class _Lasting:
+    """The session's lasting batch process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+            self.process = subprocess.Popen([sys.executable, __file__, "lasting"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+            atexit.register(self.process.kill)
+        return self.process
+
+    def answer(self, process: subprocess.Popen, timeout: Optional[float]) -> Optional[dict]:
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline() if ready else None
+        if ready and not line:
+            raise RuntimeError("the lasting batch process ended unexpectedly")
+        return json.loads(line) if line else None
+
+    def run(self, request: dict[str, Any], timeout: float) -> tuple[int, float]:
+        with self.lock:
+            process = self.start()
+            process.stdin.write(json.dumps(request) + "\n")
+            process.stdin.flush()
+            pid = self.answer(process, 600)["pid"]
+            done = self.answer(process, timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self.answer(process, None)
+                raise subprocess.TimeoutExpired(request["argv"], timeout)
+            return done["code"], done["seconds"]
+
+
+_LASTING = _Lasting()
+
+
+def run_forked(request: dict[str, Any], timeout: float = 600) -> tuple[int, float]:
+    """Runs one request in the session's lasting batch process; (exit code, wall seconds)."""
+    return _LASTING.run(request, timeout)
+
+
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve_lasting() if sys.argv[1] == "lasting" else _serve(int(sys.argv[1]))

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -19,14 +20,31 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(
-    *args: str, stdin: Optional[str] = None, env: Optional[dict[str, str]] = None, timeout: float = 120
+    *args: str, stdin: Optional[str] = None, env: Optional[dict[str, str]] = None, timeout: float = 120,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`python -m lit_adapter.cli ARGS` in a fresh process (one thread: the tiny models run faster that way)."""
+    """`lit-adapter ARGS` as its own process (one thread: the tiny models run faster that way), forked from the
+    session's process that has the heavy modules imported already (`tests.cli_runner`); `fresh`: a new interpreter
+    (`python -m lit_adapter.cli`), for what happens while modules import (environment read at import time)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "lit_adapter.cli", *map(str, args)], input=stdin, capture_output=True, text=True,
-        env=env, timeout=timeout, cwd=REPO_ROOT,
-    )
+    argv = list(map(str, args))
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "lit_adapter.cli", *argv], input=stdin, capture_output=True,
+                              text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+    from tests.cli_runner import run_forked
+
+    with tempfile.TemporaryDirectory(prefix="lit-adapter-cli-") as out:
+        pythonpath = [entry for entry in env["PYTHONPATH"].split(os.pathsep) if entry]  # read at start-up only
+        request = {"argv": argv, "cwd": str(REPO_ROOT), "environ": env, "stdin": stdin, "out": out,
+                   "pythonpath": pythonpath}
+        code, _ = run_forked(request, timeout)
+        stdout, stderr = (_universal_newlines((Path(out) / name).read_bytes()) for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(["lit-adapter", *argv], code, stdout, stderr)
+
+
+def _universal_newlines(data: bytes) -> str:
+    """Text as `subprocess.run(text=True)` gives it: "\\r\\n" and "\\r" read as "\\n"."""
+    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def run_main(args: list[str], capsys, monkeypatch=None, stdin: str = "") -> tuple[int, str, str]:

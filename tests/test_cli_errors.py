@@ -672,7 +672,7 @@ def test_forked_rows_match_real_processes(name: str, outcomes: dict) -> None:
     request = outcome["request"]
     env = {**request["env"], **({"PYTHONPATH": ":".join([*request["pythonpath"], str(REPO)])}
                                 if request["pythonpath"] else {})}
-    result = run_cli(*request["argv"], stdin=request["stdin"], env=env)
+    result = run_cli(*request["argv"], stdin=request["stdin"], env=env, fresh=True)
     assert (result.returncode, result.stderr) == (outcome["code"], outcome["stderr"])
 
 

@@ -62,7 +62,7 @@ def test_wrong_checksum_is_one_line_and_leaves_nothing(mirror: Path, tmp_path: P
     data[5000] ^= 0xFF
     (mirror / "stories260K.bin").write_bytes(bytes(data))
     cache = tmp_path / "cache"
-    result = run_cli("download", "--base_url", mirror.as_uri(), env={"LIT_ADAPTER_CACHE": str(cache)})
+    result = run_cli("download", "--base_url", mirror.as_uri(), env={"LIT_ADAPTER_CACHE": str(cache)}, fresh=True)
     assert_cli_error(result, f"{mirror.as_uri()}/stories260K.bin", "sha256", "does not match")
     downloads = cache / "downloads" / "stories260K"
     assert [p.name for p in downloads.iterdir()] == []  # neither the bad file nor a temporary one
@@ -159,7 +159,7 @@ def test_download_from_a_prepopulated_hub_cache_offline(hub_model, tmp_path: Pat
     assert [r.repo_id for r in scan.repos] == [HUB_REPO] and not scan.warnings
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "LIT_ADAPTER_CACHE": str(tmp_path / "lit")}
 
-    result = run_cli("download", HUB_REPO, env=env, timeout=300)
+    result = run_cli("download", HUB_REPO, env=env, timeout=300, fresh=True)
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "lit" / "hf" / "tiny-org" / "tiny-llama-chat"
     assert f"{HUB_REPO} checkpoint folder: {folder}" in result.stdout
@@ -189,7 +189,7 @@ def test_download_from_a_prepopulated_hub_cache_offline(hub_model, tmp_path: Pat
 
 def test_offline_download_of_an_uncached_repo_is_one_line(tmp_path: Path) -> None:
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "LIT_ADAPTER_CACHE": str(tmp_path / "lit")}
-    result = run_cli("download", "nobody/nothing", env=env)
+    result = run_cli("download", "nobody/nothing", env=env, fresh=True)
     assert_cli_error(result, "nobody/nothing", "HF_HUB_OFFLINE=1", "not in")
     assert not (tmp_path / "lit" / "hf").exists()
 
