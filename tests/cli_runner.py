@@ -9,15 +9,16 @@ output printed while the modules import; `test_cli_errors.py` runs a few rows as
 there is none.
 
 Two ways in (from the tests): `run_batch(requests, workers)` runs a list of requests in one batch process, several
-at a time; `run_forked(request, timeout)` runs one request in the session's lasting batch process (started on first
-use, with the environment of the first caller; each request then brings its whole environment), one at a time, for
-tests that run commands one after another. A request is a dict with argv, cwd, env (added to the batch process's
-environment) or environ (the whole environment), stdin, out (a folder that receives stdout / stderr).
+at a time; `run_forked(requests, timeout)` runs requests together in the session's lasting batch process, started
+on first use with the first caller's environment (each request then brings its whole environment), for tests that
+run commands one after another. A request is a dict with argv, cwd, env (added to the batch process's environment)
+or environ (the whole environment), stdin, pythonpath, out (a folder that receives stdout / stderr).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -125,20 +126,27 @@ def _serve(workers: int) -> None:
 
 
 def _serve_lasting() -> None:
-    """One request per line on stdin, one after another: answers {"pid"} once forked, then {"code", "seconds"}."""
+    """One list of requests per line on stdin, run together; answers {"pids"} once forked, then {"codes",
+    "seconds"} when all have ended."""
     _preload()
     for line in sys.stdin:
-        request = json.loads(line)
+        requests = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
         started = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - started}),
-              flush=True)
+        pids = []
+        for request in requests:
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            pids.append(pid)
+        print(json.dumps({"pids": pids}), flush=True)
+        codes, seconds = [], []
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+            seconds.append(time.monotonic() - started)
+        print(json.dumps({"codes": codes, "seconds": seconds}), flush=True)
 
 
 class _Lasting:
@@ -163,26 +171,28 @@ class _Lasting:
             raise RuntimeError("the lasting batch process ended unexpectedly")
         return json.loads(line) if line else None
 
-    def run(self, request: dict[str, Any], timeout: float) -> tuple[int, float]:
+    def run(self, requests: list[dict[str, Any]], timeout: float) -> tuple[list[int], list[float]]:
         with self.lock:
             process = self.start()
-            process.stdin.write(json.dumps(request) + "\n")
+            process.stdin.write(json.dumps(requests) + "\n")
             process.stdin.flush()
-            pid = self.answer(process, 600)["pid"]
+            pids = self.answer(process, 600)["pids"]
             done = self.answer(process, timeout)
             if done is None:
-                os.kill(pid, signal.SIGKILL)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.answer(process, None)
-                raise subprocess.TimeoutExpired(request["argv"], timeout)
-            return done["code"], done["seconds"]
+                raise subprocess.TimeoutExpired(requests[0]["argv"], timeout)
+            return done["codes"], done["seconds"]
 
 
 _LASTING = _Lasting()
 
 
-def run_forked(request: dict[str, Any], timeout: float = 600) -> tuple[int, float]:
-    """Runs one request in the session's lasting batch process; (exit code, wall seconds)."""
-    return _LASTING.run(request, timeout)
+def run_forked(requests: list[dict[str, Any]], timeout: float = 600) -> tuple[list[int], list[float]]:
+    """Runs the requests together in the session's lasting batch process; their exit codes and wall seconds."""
+    return _LASTING.run(requests, timeout)
 
 
 if __name__ == "__main__":

@@ -26,20 +26,36 @@ def run_cli(
     """`lit-adapter ARGS` as its own process (one thread: the tiny models run faster that way), forked from the
     session's process that has the heavy modules imported already (`tests.cli_runner`); `fresh`: a new interpreter
     (`python -m lit_adapter.cli`), for what happens while modules import (environment read at import time)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    argv = list(map(str, args))
     if fresh:
-        return subprocess.run([sys.executable, "-m", "lit_adapter.cli", *argv], input=stdin, capture_output=True,
-                              text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+        return subprocess.run([sys.executable, "-m", "lit_adapter.cli", *map(str, args)], input=stdin,
+                              capture_output=True, text=True, env=cli_environment(env), timeout=timeout,
+                              cwd=REPO_ROOT)
+    return run_cli_together([list(args)], [env], stdin, timeout)[0]
+
+
+def run_cli_together(commands: list[list], envs: list[Optional[dict[str, str]]], stdin: Optional[str] = None,
+                     timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Several `lit-adapter` commands running at the same time (each with its own extra environment), forked as
+    `run_cli` forks one; their results in order."""
     from tests.cli_runner import run_forked
 
-    with tempfile.TemporaryDirectory(prefix="lit-adapter-cli-") as out:
-        pythonpath = [entry for entry in env["PYTHONPATH"].split(os.pathsep) if entry]  # read at start-up only
-        request = {"argv": argv, "cwd": str(REPO_ROOT), "environ": env, "stdin": stdin, "out": out,
-                   "pythonpath": pythonpath}
-        code, _ = run_forked(request, timeout)
-        stdout, stderr = (_universal_newlines((Path(out) / name).read_bytes()) for name in ("stdout", "stderr"))
-    return subprocess.CompletedProcess(["lit-adapter", *argv], code, stdout, stderr)
+    with tempfile.TemporaryDirectory(prefix="lit-adapter-cli-") as root:
+        requests = []
+        for index, (args, env) in enumerate(zip(commands, envs, strict=True)):
+            full = cli_environment(env)
+            out = Path(root) / str(index)
+            out.mkdir()
+            requests.append({"argv": list(map(str, args)), "cwd": str(REPO_ROOT), "environ": full, "stdin": stdin,
+                             "out": str(out), "pythonpath": [p for p in full["PYTHONPATH"].split(os.pathsep) if p]})
+        codes, _ = run_forked(requests, timeout)
+        return [subprocess.CompletedProcess(["lit-adapter", *request["argv"]], code,
+                                            *(_universal_newlines((Path(request["out"]) / name).read_bytes())
+                                              for name in ("stdout", "stderr")))
+                for request, code in zip(requests, codes, strict=True)]
+
+
+def cli_environment(env: Optional[dict[str, str]]) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
 
 
 def _universal_newlines(data: bytes) -> str:

@@ -3,16 +3,14 @@ MASTER_ADDR/MASTER_PORT, gloo) train exactly the adapter that one node with two 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import run_cli_together
 from tests.training import helpers
 from tests.training.test_distributed import clip_weights, ddp_run, init_adapter, two_process_config  # noqa: F401
 
@@ -27,25 +25,9 @@ def launch_nodes(config: Path, num_nodes: int, timeout: int = 300) -> list[subpr
     """`lit-adapter fit --config CONFIG --trainer.num_nodes N --trainer.devices 1` once per node, as a cluster's
     launcher starts it on each machine (here all on this one, talking over 127.0.0.1)."""
     port = str(free_port())
-    command = [sys.executable, "-m", "lit_adapter.cli", "fit", "--config", str(config),
-               "--trainer.num_nodes", str(num_nodes), "--trainer.devices", "1"]  # fmt: skip
-    processes = []
-    for node in range(num_nodes):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "NODE_RANK": str(node),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
-        processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
-    results = []
-    try:
-        for process in processes:
-            stdout, stderr = process.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return results
+    command = ["fit", "--config", str(config), "--trainer.num_nodes", str(num_nodes), "--trainer.devices", "1"]
+    envs = [{"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for node in range(num_nodes)]
+    return run_cli_together([command] * num_nodes, envs, timeout=timeout)
 
 
 def test_two_nodes_of_one_device_train_what_one_node_of_two_devices_trains(
