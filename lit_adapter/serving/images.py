@@ -1,6 +1,7 @@
 """Images in chat messages: `image_url` parts as data URLs (always), local paths or http(s) URLs (each only when
 the server was started with its flag), decoded and checked before a request is queued; encoded on the decoding
-thread into the adapter's visual tokens, exactly as `Engine.visual_tokens` encodes an image file."""
+thread into the adapter's visual tokens, exactly as `Engine.visual_tokens` encodes an image file (an ImageBind-LLM
+adapter's inputs, images and audio: `serving.media`)."""
 
 from __future__ import annotations
 
@@ -87,22 +88,30 @@ def decode_image(data: bytes, where: str):
                               "common image") from None
 
 
-def check_takes_images(engine: Any, where: str) -> None:
-    """Fail unless the engine's model sees pixels through a CLIP visual adapter."""
+def check_takes_images(engine: Any, where: str) -> str:
+    """The way the engine's model sees an image part: "clip" (a CLIP visual adapter) or "bind" (ImageBind-LLM, its
+    encoder attached); else the part is refused."""
+    from lit_adapter.serving.media import bind_mode, check_encoder
+
     visual = getattr(engine.adapter_model, "visual", None) if engine.adapter_model is not None else None
     if visual is None:
         raise LitAdapterError(f"{where}: this model has no visual encoder, so it takes no images; send text only or "
                               "serve a multimodal adapter")
-    if visual.config.mode == "bind":
-        raise LitAdapterError(f"{where}: ImageBind-LLM adapters are not served with images; use `lit-adapter "
-                              "generate --image`")
+    if bind_mode(engine):
+        check_encoder(engine, where)
+        return "bind"
+    return "clip"
 
 
 def visual_tokens(engine: Any, image: Any) -> Optional[Any]:
     """The adapter's visual tokens [1, tokens, dim] for one decoded image (as `Engine.visual_tokens` computes them
-    for a file)."""
+    for a file), or for an ImageBind-LLM conversation's inputs (`serving.media.BindInputs`)."""
     import torch
 
+    from lit_adapter.serving.media import BindInputs, bind_tokens
+
+    if isinstance(image, BindInputs):
+        return bind_tokens(engine, image)
     transform = engine.adapter_model.visual.config.transform(train=False)
     with torch.inference_mode():
         pixels = transform(image)[None].to(device=engine.device, dtype=engine.dtype)

@@ -2,10 +2,13 @@
 shared by the server and the in-process LangChain model.
 
 The conversation is rendered by the engine's multi-turn style (`lit_adapter.inference.chat.conversation_ids`: the
-adapter's template if it is multi-turn, else the checkpoint's chat template, else the V2 chat template), so the
-server's prompt is the one `lit-adapter generate --messages` builds. A single-turn style (e.g. `--prompt_style
-alpaca`) takes a conversation of one user message (after an optional system message, which it has no place for).
-The model sees one image per generation: the last one in the conversation, as in `lit-adapter chat`.
+adapter's template, a single-turn one such as alpaca in its multi-turn form, else the checkpoint's chat template,
+else the V2 chat template), so the server's prompt is the one `lit-adapter generate --messages` builds and the one
+`lit-adapter chat` builds for the same turns. A style without a multi-turn form (`--prompt_style raw`) takes a
+conversation of one user message (after an optional system message, which it has no place for).
+A CLIP visual adapter sees one image per generation: the last one in the conversation, as in `lit-adapter chat`; an
+ImageBind-LLM adapter sees every image and audio input of the conversation, mixed with equal weights
+(`serving.media`).
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ from typing import Any, Optional
 
 from lit_adapter.chat_template import content_text
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.media.inputs import NEEDS_BIND
 from lit_adapter.serving.images import ImagePolicy, check_takes_images, decode_image, image_bytes
+from lit_adapter.serving.media import AUDIO_PART, BindInputs, audio_bytes, bind_mode, check_encoder, image_suffix
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def split_images(engine: Any, messages: Sequence[dict], policy: ImagePolicy) -> tuple[list[dict], Optional[Any]]:
-    """The messages with text content only, and the last image (decoded, RGB) or None."""
+    """The messages with text content only, and what the model sees: the last image (decoded, RGB) for a CLIP
+    visual adapter; for an ImageBind-LLM adapter every image and audio input of the conversation, preprocessed
+    (`serving.media.BindInputs`); None without any."""
     plain: list[dict] = []
     image = None
+    inputs = BindInputs()
     for index, message in enumerate(messages):
         role = ROLES.get(message.get("role"))
         if role is None:
@@ -31,31 +39,42 @@ def split_images(engine: Any, messages: Sequence[dict], policy: ImagePolicy) -> 
                                   "user, assistant")
         content = message.get("content")
         if isinstance(content, list):
-            content, found = _parts(engine, content, role, policy, f"messages[{index}].content")
+            content, found = _parts(engine, content, role, policy, f"messages[{index}].content", inputs)
             image = found if found is not None else image
         elif content is not None and not isinstance(content, str):
             raise LitAdapterError(f"messages[{index}].content must be a string or a list of parts")
         plain.append({"role": role, "content": content or ""})
-    return plain, image
+    return plain, inputs if inputs.inputs else image
 
 
-def _parts(engine: Any, parts: list, role: str, policy: ImagePolicy, where: str) -> tuple[str, Optional[Any]]:
+def _parts(engine: Any, parts: list, role: str, policy: ImagePolicy, where: str,
+           inputs: BindInputs) -> tuple[str, Optional[Any]]:
+    """The parts' text and their last image for a CLIP adapter; an ImageBind-LLM adapter's inputs join `inputs`."""
     texts, image = [], None
     for index, part in enumerate(parts):
         label = f"{where}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind in ("image_url", "input_audio") and role != "user":
+            raise LitAdapterError(f"{label}: {'images' if kind == 'image_url' else 'audio inputs'} go in user "
+                                  "messages only")
         elif kind == "image_url":
-            if role != "user":
-                raise LitAdapterError(f"{label}: images go in user messages only")
-            check_takes_images(engine, label)
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            image = decode_image(image_bytes(url, policy, label), label)
+            if check_takes_images(engine, label) == "bind":
+                inputs.add("image", image_bytes(url, policy, label), image_suffix(url), label)
+            else:
+                image = decode_image(image_bytes(url, policy, label), label)
+        elif kind == "input_audio":
+            if not bind_mode(engine):
+                raise LitAdapterError(f"{label}: audio {NEEDS_BIND}; this model takes no audio")
+            check_encoder(engine, label)
+            inputs.add("audio", *audio_bytes(part, label), label)
         else:
             raise LitAdapterError(f"{label}: unsupported content part {kind!r}; parts are {{'type': 'text', 'text': "
-                                  "...} or {'type': 'image_url', 'image_url': {'url': 'data:image/...'}}")
+                                  "...}, {'type': 'image_url', 'image_url': {'url': 'data:image/...'}} or (ImageBind-LLM) "
+                                  f"{AUDIO_PART}")
     return "".join(texts), image
 
 

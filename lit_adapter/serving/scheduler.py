@@ -41,7 +41,8 @@ class Overloaded(Exception):
 
 @dataclass(eq=False)
 class Request:
-    """One generation: prompt ids [T], its decoding, an optional image (PIL, encoded on the decoding thread).
+    """One generation: prompt ids [T], its decoding, an optional image (PIL; for an ImageBind-LLM adapter the
+    conversation's preprocessed inputs, `serving.media.BindInputs`), encoded on the decoding thread.
 
     `sink(kind, value)` receives ("piece", text) for each text piece, then ("done", Completion) or ("error",
     message), from the decoding thread. `lstrip` drops the reply's leading whitespace (a chat reply after
@@ -206,10 +207,10 @@ class Scheduler:
         for row in list(joining):
             try:
                 visual.append(self._visual_tokens(row.request.image))
-            except Exception as err:  # an image that passed the checks but fails in the encoder
+            except Exception as err:  # an input that passed the checks but fails in the encoder
                 joining.remove(row)
                 self.stats["failed"] += 1
-                row.request.sink("error", f"cannot encode the image ({type(err).__name__}: {err})")
+                row.request.sink("error", f"cannot encode the image or audio input ({type(err).__name__}: {err})")
         if not joining:
             return
         try:

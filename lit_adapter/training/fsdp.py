@@ -8,7 +8,8 @@
   weights and float32 trainable ones cannot share a block. Parameters are therefore STORED in float32 (sharded:
   65B over 8 GPUs is 32.5 GB per GPU), gathered and computed in `compute_dtype` (bf16), and gradients are reduced in
   float32: trainable parameters and AdamW state are float32. Run it with `trainer.precision: 32-true`.
-- The frozen CLIP tower is not sharded (FSDP ignores it); it is cast to the compute dtype.
+- The frozen encoder (the CLIP tower, or ImageBind for ImageBind-LLM) is not sharded (FSDP ignores it); it is built
+  on CPU from its own weights and cast to the compute dtype.
 - Checkpoints gather only the trainable tensors (unit by unit), not the whole model.
 - Works on CPU too (gloo), which is how it is tested.
 """
@@ -81,9 +82,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
         from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        from lit_adapter.adapters.visual import ClipEncoder
-
-        ignored = [module for module in model.modules() if isinstance(module, ClipEncoder)]
+        ignored = frozen_encoders(model)
         cpu = self.root_device.type == "cpu"  # torch's FSDP runs on CPU only when told the device explicitly
         with warnings.catch_warnings():
             # units mixing frozen and trainable parameters are the point here (use_orig_params=True)
@@ -146,6 +145,14 @@ class AdapterFSDPStrategy(FSDPStrategy):
         module = self.lightning_module
         names = set(module.trainable_names())
         return gather_full_tensors(self.model, names, rank0_only=True)
+
+
+def frozen_encoders(model: nn.Module) -> list[nn.Module]:
+    """The frozen encoders FSDP leaves alone: open_clip towers and ImageBind (every process holds a full copy)."""
+    from lit_adapter.adapters.visual import ClipEncoder
+    from lit_adapter.encoders.imagebind import ImageBind
+
+    return [module for module in model.modules() if isinstance(module, (ClipEncoder, ImageBind))]
 
 
 def own_parameters(unit: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -235,8 +242,8 @@ class PrefixedTensors:
 
 def prepare_for_sharding(model: AdapterModel) -> AdapterModel:
     """A model built on the meta device, made ready for FSDP, which materialises and shards the units (then
-    `load_after_sharding` copies the weights in): tied embeddings get real storage, the frozen CLIP tower is built on
-    CPU (FSDP ignores it)."""
+    `load_after_sharding` copies the weights in): tied embeddings get real storage, the frozen encoder (CLIP tower or
+    ImageBind) is built on CPU with its weights (FSDP ignores it)."""
     llama = model.llama
     if llama.config.tie_embeddings:
         # FSDP's meta-device materialisation makes a new tensor per module and would untie the classifier from
@@ -244,10 +251,10 @@ def prepare_for_sharding(model: AdapterModel) -> AdapterModel:
         llama.tok_embeddings.to_empty(device="cpu")
         llama.output.weight = llama.tok_embeddings.weight
     if model.visual is not None:
-        from lit_adapter.adapters.visual import build_clip_encoder
+        from lit_adapter.encoders import build_encoder
 
         with torch.device("cpu"), default_dtype(torch.float32):
-            model.visual.attach_encoder(build_clip_encoder(model.adapter_config.visual))
+            model.visual.attach_encoder(build_encoder(model.adapter_config.visual, device="cpu"))
     return model
 
 

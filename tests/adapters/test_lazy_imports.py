@@ -53,23 +53,22 @@ def loaded_after(modules: tuple[str, ...]) -> dict:
     """)
 
 
-def test_text_only_imports_load_no_vision_libraries():
-    found = loaded_after(TEXT_ONLY)
-    assert found == {name: [] for name in TEXT_ONLY}
-
-
 def test_lightning_modules_load_neither_open_clip_nor_timm():
     found = loaded_after(WITH_LIGHTNING)
     for name in WITH_LIGHTNING:
         assert "open_clip" not in found[name] and "timm" not in found[name], (name, found[name])
 
 
-def test_tiny_visual_adapter_builds_after_a_lazy_import():
-    """The tiny test tower is registered the first time open_clip is used; the adapter then builds and runs."""
-    out = run_python("""
-        import json, sys
+def test_text_only_imports_load_no_vision_libraries_and_the_tiny_tower_registers_on_first_use():
+    """Every text-only entry point leaves the vision libraries out; the tiny test tower is then registered the first
+    time open_clip is used, and the adapter builds and runs (one fresh interpreter for both)."""
+    out = run_python(f"""
+        import importlib, json, sys
+        found = {{}}
+        for name in {TEXT_ONLY!r}:
+            importlib.import_module(name)
+            found[name] = [m for m in {VISUAL_MODULES!r} if m in sys.modules]
         import torch
-        import lit_adapter.adapters
         from lit_adapter.adapters import visual
         before = [m for m in ("open_clip", "timm") if m in sys.modules]
         from tests.adapters.helpers import images, tiny_visual
@@ -80,15 +79,17 @@ def test_tiny_visual_adapter_builds_after_a_lazy_import():
         transform = visual.image_transform(visual.TINY_CLIP_MODEL, train=False)
         import open_clip
 
-        print(json.dumps({
+        print(json.dumps({{
+            "found": found,
             "before": before,
             "shape": list(tokens.shape),
             "finite": bool(torch.isfinite(tokens).all()),
             "tiny_listed": open_clip.list_models().count(visual.TINY_CLIP_MODEL),
             "same_module": visual.load_open_clip() is open_clip,
             "transform": type(transform).__name__,
-        }))
+        }}))
     """)
+    assert out["found"] == {name: [] for name in TEXT_ONLY}
     assert out["before"] == []
     assert out["shape"] == [2, 3, 16] and out["finite"]
     assert out["tiny_listed"] == 1 and out["same_module"]
