@@ -28,7 +28,8 @@ A measurement reflects the machine as it is at that moment (a core held by anoth
 The attention kernel is chosen apart from these, for every caller, by `lit_adapter.ops.AttentionPaths`. No library
 function changes torch's process-wide settings otherwise: `generate_tokens` and `generate_batch` run with torch's
 defaults unless called inside an entered `CPUDecoding`, which restores every setting on exit (errors and closed
-generators included). Measured figures: benchmarks/README.md.
+generators included). Commands keep the measured settings between runs (`lit_adapter.inference.cpu_store`).
+Measured figures: benchmarks/README.md.
 
     decoding = CPUDecoding.for_model(llama)  # measured once per process; a no-op context off the CPU
     decoding.prepare(llama)                  # the model-local choice: weight layout
@@ -43,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Optional, TypeVar
 
 import torch
@@ -91,16 +93,18 @@ class CPUDecoding:
                 f"column_major={sorted(self.column_major)}, float32_products={sorted(self.float32_products)})")
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> CPUDecoding:
+    def for_model(cls, model: nn.Module, store: Optional[Path] = None) -> CPUDecoding:
         """The settings measured faster for `model` (a LLaMA, or an adapter model holding one as `.llama`) on this
-        machine, probed once per process for its shapes, dtype and thread count; a no-op context off the CPU."""
+        machine, probed once per process for its shapes, dtype and thread count; a no-op context off the CPU.
+
+        `store`: a file keeping measured settings between processes (`lit_adapter.inference.cpu_store`)."""
         llama: LLaMA = getattr(model, "llama", model)
         weight = llama.output.weight
         if weight.device.type != "cpu":
             return cls()
         key = (tuple(sorted(linear_shapes(llama).items())), weight.dtype, torch.get_num_threads())
         if key not in _PROBED:
-            _PROBED[key] = probe(llama)
+            _PROBED[key] = probe(llama) if store is None else stored_or_probed(llama, key, store)
         return cls(*_PROBED[key])
 
     def prepare(self, model: nn.Module) -> int:
@@ -228,13 +232,33 @@ def call(measure: Callable[[], float]) -> float:
     return measure()
 
 
+def stored_or_probed(llama: LLaMA, key: tuple, store: Path) -> Settings:
+    """The thread count measured now (it depends on how busy the cores are at this moment); the kernel, layout and
+    float32 choices for it as stored for this machine, else measured now and stored."""
+    from lit_adapter.inference import cpu_store
+
+    threads = probe_threads(llama)
+    entry = cpu_store.entry_key((*key, threads))
+    choices = None if cpu_store.measure_again() else cpu_store.read(store, entry)
+    if choices is None:
+        choices = probe_for_threads(llama, threads)
+        cpu_store.write(store, entry, choices)
+    return threads, *choices
+
+
 @torch.inference_mode()
 def probe(llama: LLaMA) -> Settings:
     """Measure (threads, one_row_kernels, column_major, float32_products) for this model on this machine."""
     threads = probe_threads(llama)
+    return threads, *probe_for_threads(llama, threads)
+
+
+@torch.inference_mode()
+def probe_for_threads(llama: LLaMA, threads: Optional[int]) -> tuple[bool, frozenset[Shape], frozenset]:
+    """(one_row_kernels, column_major, float32_products) measured with `threads` (None: the current count)."""
     with thread_count(threads or torch.get_num_threads()):
         one_row, layout = probe_kernels_and_layout(llama)
-        return threads, one_row, layout, probe_float32_products(llama)
+        return one_row, layout, probe_float32_products(llama)
 
 
 def probe_float32_products(llama: LLaMA) -> frozenset[tuple[Shape, RowClass]]:

@@ -21,6 +21,7 @@ from lit_adapter.devices import resolve_device, resolve_dtype
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.images import check_image, load_images
 from lit_adapter.inference.cpu import CPUDecoding
+from lit_adapter.inference.cpu_store import default_store
 from lit_adapter.inference.experts import Expert
 from lit_adapter.inference.generate import generate_batch as decode_batch
 from lit_adapter.inference.generate import generate_tokens
@@ -144,7 +145,7 @@ class Engine:
         style = get_prompt_style(prompt_style) if prompt_style else adapter_style
         # the checkpoint's own chat template (style chat_template) comes with its tokenizer
         style, adapter_style = style.for_tokenizer(tokenizer), adapter_style.for_tokenizer(tokenizer)
-        cpu = CPUDecoding.for_model(llama)
+        cpu = CPUDecoding.for_model(llama, store=default_store())  # measured once per machine and model shape
         cpu.prepare(llama)
         return cls(llama, tokenizer, style, adapter_model, adapter_style, cpu)
 
