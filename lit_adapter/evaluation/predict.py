@@ -43,7 +43,8 @@ class ScienceQAPredictor:
         return self.engine.format(build_prompt(problem, self.captions.get(problem.pid)))
 
     def fit_context(self, ids: list[int], room: int, pid: str) -> tuple[list[int], bool]:
-        """Drops the prompt's oldest tokens (BOS kept) so that `room` more tokens fit the context; says if it did."""
+        """Drops the prompt's oldest tokens (the first kept: BOS, or a template's own start token) so that `room`
+        more tokens fit the context; says if it did."""
         limit = self.max_len - room
         if len(ids) <= limit:
             return ids, False
@@ -78,7 +79,7 @@ class ScienceQAPredictor:
         for part in self.by_image(problems):
             prompts, truncated = [], []
             for problem in part:
-                ids = self.engine.tokenizer.encode(self.prompt_text(problem), bos=True)
+                ids = self.engine.encode(self.prompt_text(problem)).tolist()  # BOS unless the template writes it
                 ids, cut = self.fit_context(ids, max_new_tokens, problem.pid)
                 prompts.append(torch.tensor(ids, device=self.engine.device))
                 truncated.append(cut)
@@ -121,7 +122,8 @@ class ScienceQAPredictor:
         rows, spans = [], []
         for choice in range(len(problem.choices)):
             segments = training_segments(dataclasses.replace(problem, answer=choice), self.engine.style, caption)
-            ids, supervised = encode_segments(self.engine.tokenizer, segments)
+            ids, supervised = encode_segments(self.engine.tokenizer, segments,
+                                             special=self.engine.style.adds_special_tokens)
             start = supervised.index(True)
             rows.append(ids[:-1])  # without EOS
             spans.append((start, len(ids) - 1))
