@@ -77,15 +77,11 @@ class AdapterCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         self.resume_checkpoint = check_resume_file(ckpt_path), ckpt_path
-        if self.resume_checkpoint[0] is not None:  # before Lightning puts the checkpoint's settings in the config
+        if self.resume_checkpoint[0] is not None:
             check_adapter_matches(self.resume_checkpoint[0], str(ckpt_path), _as_dict(self.config[subcommand].model))
-        from jsonargparse import ArgumentError
-
-        try:
-            super()._parse_ckpt_path()
-        except ArgumentError as err:
-            raise LitAdapterError(f"{ckpt_path}: its saved hyperparameters do not parse as this run's options "
-                                  f"({' '.join(str(err).split())}); {AFRESH}") from None
+        # Lightning would now overwrite this run's model settings with the file's saved ones, so that a resume from
+        # an explicit file went on at the checkpoint's learning rate while `--ckpt_path last` takes the one given
+        # now. Both take the settings given now; the adapter's must match the file's (checked above).
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -230,3 +230,26 @@ def test_a_resume_takes_the_learning_rate_configured_now(
     assert scheduler.base_lrs == [1e-4] * len(groups)
     assert all(g["initial_lr"] == 1e-4 for g in trainer.optimizers[0].param_groups)
 
+
+
+def test_a_resume_from_an_explicit_file_takes_the_settings_given_now(
+    stories260k_dir: Path, instructions: Path, tmp_path: Path
+) -> None:
+    """`--ckpt_path FILE` as `--ckpt_path last`: the learning rate given now, not the one saved in the file (which
+    Lightning's CLI would put back into the configuration)."""
+    root = tmp_path / "run"
+    config = helpers.fit_config(root, stories260k_dir, instructions, max_steps=2)
+    config["checkpoint"] = {"every_n_train_steps": 2}
+    path = helpers.write_config(tmp_path / "fit.yaml", config)
+    first = helpers.run_cli(["fit", "--config", str(path)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = root / "checkpoints" / "step-0000002.ckpt"
+    assert torch.load(saved, weights_only=True)["lr_schedulers"][0]["base_lrs"][0] == 0.01
+    resumed = helpers.run_cli(["fit", "--config", str(path), "--ckpt_path", str(saved), "--trainer.max_steps", "4",
+                               "--model.learning_rate", "0.001"])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(root / "checkpoints" / "step-0000004.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["hyper_parameters"]["learning_rate"] == 0.001
+    groups = last["optimizer_states"][0]["param_groups"]
+    assert last["lr_schedulers"][0]["base_lrs"] == [0.001] * len(groups)
+    assert all(group["initial_lr"] == 0.001 for group in groups)
