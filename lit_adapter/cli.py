@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional
 
-from lit_adapter.errors import DEBUG_ENV, LitAdapterError, first_line, user_error_in
+from lit_adapter.errors import DEBUG_ENV, EveryRankError, LitAdapterError, first_line, user_error_in
 
 # subcommand -> (module:function run through jsonargparse, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,7 +81,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         run_command(name, rest)
     except LitAdapterError as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        if not (isinstance(err, EveryRankError) and global_rank() > 0):
+            print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -95,6 +96,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: unexpected {type(err).__name__} in `lit-adapter {name}`: {first_line(err)} (set "
               f"{DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed run (0 outside one; known once Lightning has set up its processes)."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return getattr(getattr(rank_zero, "rank_zero_only", None), "rank", 0) or 0
 
 
 def print_stored_help(argv: list[str]) -> bool:

@@ -17,6 +17,11 @@ class LitAdapterError(Exception):
     """A problem with the user's input (a file, a record, a setting) that the message explains."""
 
 
+class EveryRankError(LitAdapterError):
+    """An error every process of a distributed run raises at once, from a check they take together (the non-finite
+    guard's): only global rank 0 prints it, so the line appears once."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): foreign libraries' errors
     often run over several lines, and ours are one line."""

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lit_adapter.data.batch import SOURCES
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import EveryRankError, LitAdapterError
 
 STOP, SKIP = "stop", "skip"
 
@@ -180,8 +180,9 @@ class NonFiniteGuard(Callback):
         step = trainer.global_step if step is None else step
         return f"step {step}" + (f" ({self.source} batch)" if self.source else "")
 
-    def stopped(self, trainer: Any, what: str, step: Optional[int] = None, taken: bool = False) -> LitAdapterError:
-        """The one-line error that stops the run: the step, the source, what was not finite, where to resume."""
+    def stopped(self, trainer: Any, what: str, step: Optional[int] = None, taken: bool = False) -> EveryRankError:
+        """The one-line error that stops the run: the step, the source, what was not finite, where to resume (every
+        rank decides it together, `everywhere`)."""
         last = resume_option(trainer)
         done = "training stopped" if taken else "training stopped before the step"
         skipped = f" ({self.skipped} earlier steps skipped)" if self.skipped else ""
@@ -190,7 +191,7 @@ class NonFiniteGuard(Callback):
                       "lower model.learning_rate, or check the data")  # fmt: skip
         else:
             advice = "no checkpoint to resume from yet: lower model.learning_rate or check the data and start again"
-        return LitAdapterError(f"{self.where(trainer, step)}: {what}; {done}{skipped} and saved nothing non-finite; "
+        return EveryRankError(f"{self.where(trainer, step)}: {what}; {done}{skipped} and saved nothing non-finite; "
                                f"{advice}")  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lit_adapter.checkpoint import load_yaml
-from lit_adapter.errors import LitAdapterError
+from lit_adapter.errors import EveryRankError, LitAdapterError
 from lit_adapter.training.callbacks import TRAINING_FILE, default_callbacks
 from lit_adapter.training.checkpoint_io import AtomicCheckpointIO
 from lit_adapter.training.metrics import NonFiniteGuard
@@ -199,6 +199,8 @@ def test_stop_writes_nothing_non_finite(
     _, trainer, snapshots, error = guarded_fit(tmp_path, stories260k_dir, instructions, [callback])
     message = str(error)
     assert message.startswith(expected) and "\n" not in message, message
+    # the guard's stops are taken by every rank at once, so only global rank 0 prints them; the export is rank 0's
+    assert isinstance(error, EveryRankError) == (expected != "the trained adapter holds 1 non-finite tensors")
     if last_step == 2:
         assert f"the last finite checkpoint is {tmp_path / 'ckpt'}" in message
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == last_step
@@ -253,3 +255,26 @@ def test_a_resume_from_an_explicit_file_takes_the_settings_given_now(
     groups = last["optimizer_states"][0]["param_groups"]
     assert last["lr_schedulers"][0]["base_lrs"] == [0.001] * len(groups)
     assert all(group["initial_lr"] == 0.001 for group in groups)
+
+
+def test_an_every_rank_error_is_printed_by_global_rank_zero_only(monkeypatch, capsys) -> None:
+    """Under DDP every process raises the guard's stop at the same step: one line on the terminal, not one per rank;
+    any other error still prints on every rank (it may be one rank's own)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    import lit_adapter.cli
+
+    printed = {}
+    for rank in (0, 1):
+        for error in (EveryRankError("step 3: the gradients are not finite"), LitAdapterError("rank's own file")):
+            def fail(name: str, rest: list, error: Exception = error) -> None:
+                raise error
+
+            monkeypatch.setattr(lit_adapter.cli, "run_command", fail)
+            monkeypatch.setattr(rank_zero_only, "rank", rank)
+            with pytest.raises(SystemExit) as exit_:
+                lit_adapter.cli.main(["fit"])
+            printed[rank, type(error).__name__] = (exit_.value.code, capsys.readouterr().err)
+    assert printed[0, "EveryRankError"] == (2, "error: step 3: the gradients are not finite\n")
+    assert printed[1, "EveryRankError"] == (2, "")
+    assert printed[0, "LitAdapterError"] == printed[1, "LitAdapterError"] == (2, "error: rank's own file\n")
