@@ -3,8 +3,10 @@ unreadable image."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Union
 
 import torch
 from PIL import Image
@@ -17,14 +19,18 @@ def open_image(path: Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise LitAdapterError(f"{path}: image not found")
+    return decode_rgb(path, f"{path}: cannot read image", "pass a PNG, JPEG or other PIL-readable file")
+
+
+def decode_rgb(source: Union[Path, bytes], failure: str, advice: str) -> Image.Image:
+    """A file or its bytes as an RGB image, fully decoded; a damaged one is `{failure} (why); {advice}`."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.convert("RGB")
     # PIL's decoders fail in many ways on a damaged body (OSError, ValueError, SyntaxError, struct and zlib errors,
     # DecompressionBombError): all of them mean this file cannot be used
     except Exception as err:
-        message = f"{path}: cannot read image ({first_line(err)}); pass a PNG, JPEG or other PIL-readable file"
-        raise LitAdapterError(message) from None
+        raise LitAdapterError(f"{failure} ({first_line(err)}); {advice}") from None
 
 
 def load_image(path: Path, transform: Callable) -> torch.Tensor:

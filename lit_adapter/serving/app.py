@@ -222,7 +222,8 @@ def _user_error(function: Any, *args: Any) -> Any:
 
 
 def _chat_prompt(engine: Engine, messages: list[dict], policy: ImagePolicy) -> tuple[torch.Tensor, Any]:
-    """Prompt ids and image of a conversation (run off the event loop: images are decoded here)."""
+    """Prompt ids and image (or ImageBind-LLM inputs) of a conversation (run off the event loop: images and audio
+    are decoded and preprocessed here, before the request is queued)."""
     plain, image = _user_error(split_images, engine, messages, policy)
     ids = _user_error(chat_ids, engine, plain)
     _user_error(check_fits, engine, ids.numel())

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
 from lit_adapter.errors import LitAdapterError, first_line
+from lit_adapter.serving.media import BindInputs, bind_mode, bind_tokens, check_encoder
 
 MAX_DOWNLOAD_BYTES = 20 * 2**20  # an http image larger than this is refused
 DOWNLOAD_TIMEOUT = 10.0
@@ -77,22 +77,16 @@ def _download(url: str, where: str) -> bytes:
 
 
 def decode_image(data: bytes, where: str):
-    """The image as RGB, fully decoded (a damaged file fails here, before the request is queued)."""
-    from PIL import Image
+    """The image as RGB, fully decoded (a damaged file fails here, before the request is queued), by the decoder
+    of image files (`lit_adapter.images`)."""
+    from lit_adapter.images import decode_rgb
 
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except Exception as err:  # PIL's decoders fail in many ways on damaged input (see lit_adapter.images)
-        raise LitAdapterError(f"{where}: cannot read the image ({first_line(err)}); send a PNG, JPEG or other "
-                              "common image") from None
+    return decode_rgb(data, f"{where}: cannot read the image", "send a PNG, JPEG or other common image")
 
 
 def check_takes_images(engine: Any, where: str) -> str:
     """The way the engine's model sees an image part: "clip" (a CLIP visual adapter) or "bind" (ImageBind-LLM, its
     encoder attached); else the part is refused."""
-    from lit_adapter.serving.media import bind_mode, check_encoder
-
     visual = getattr(engine.adapter_model, "visual", None) if engine.adapter_model is not None else None
     if visual is None:
         raise LitAdapterError(f"{where}: this model has no visual encoder, so it takes no images; send text only or "
@@ -107,8 +101,6 @@ def visual_tokens(engine: Any, image: Any) -> Optional[Any]:
     """The adapter's visual tokens [1, tokens, dim] for one decoded image (as `Engine.visual_tokens` computes them
     for a file), or for an ImageBind-LLM conversation's inputs (`serving.media.BindInputs`)."""
     import torch
-
-    from lit_adapter.serving.media import BindInputs, bind_tokens
 
     if isinstance(image, BindInputs):
         return bind_tokens(engine, image)

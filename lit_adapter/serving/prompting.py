@@ -73,8 +73,8 @@ def _parts(engine: Any, parts: list, role: str, policy: ImagePolicy, where: str,
             inputs.add("audio", *audio_bytes(part, label), label)
         else:
             raise LitAdapterError(f"{label}: unsupported content part {kind!r}; parts are {{'type': 'text', 'text': "
-                                  "...}, {'type': 'image_url', 'image_url': {'url': 'data:image/...'}} or (ImageBind-LLM) "
-                                  f"{AUDIO_PART}")
+                                  "...}, {'type': 'image_url', 'image_url': {'url': 'data:image/...'}} or "
+                                  f"(ImageBind-LLM) {AUDIO_PART}")
     return "".join(texts), image
 
 
