@@ -34,12 +34,12 @@ setup(
     extras_require={
         # torchaudio 2.11 requires torch>=2.11 only: it leaves CI's torch in place
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13", "ruff>=0.5", "av>=12",
-                 "plyfile>=1.0", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30", "lm-eval>=0.4.5",
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40", "langchain-core>=0.3",
-                 "langchain-openai>=0.2", "playwright>=1.44"],
+                 "plyfile>=1.0", "pypcd4>=1.5.1", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30",
+                 "lm-eval>=0.4.5", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40",
+                 "langchain-core>=0.3", "langchain-openai>=0.2", "playwright>=1.44"],
         "ocr": ["pytesseract>=0.3"],
         # ImageBind-LLM's decoders and filterbanks (torchaudio 2.11 leaves any torch >= 2.11 in place)
-        "imagebind": ["av>=12", "plyfile>=1.0", "torchaudio==2.11.*"],
+        "imagebind": ["av>=12", "plyfile>=1.0", "pypcd4>=1.5.1", "torchaudio==2.11.*"],
         "retrieval": ["faiss-cpu>=1.8"],
         "diffusion": ["diffusers>=0.30", "transformers>=4.45"],  # image output (Stable unCLIP)
         "lm-eval": ["lm-eval>=0.4.5"],  # `lit-adapter eval lm-eval`

@@ -7,6 +7,9 @@ bias-free Linear to the joint space) -> postprocessor (L2 normalise, then a fixe
 100). An input of five or more dimensions is a list of clips `[B, S, ...]`: every clip is embedded and the S
 embeddings averaged (audio `[B, 3, 1, 128, 204]`, video `[B, 15, 3, 2, 224, 224]`).
 
+Images (and depth and thermal maps) of another size than 224 px get the learned position table interpolated to their
+patch grid, bicubically, as the official code does (`interpolate_pos_embed`).
+
 The encoder is frozen and always in eval mode, where drop path and dropout are identities (none is built).
 The architecture is read from the weights' shapes (`ImageBindConfig.from_state_dict`); head widths follow the
 official head sizes (vision 80, depth 48, the others 64), so scaled-down files in the same layout load the same way.
@@ -15,6 +18,7 @@ official head sizes (vision 80, depth 48, the others 64), so scaled-down files i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -161,19 +165,55 @@ class PosEmbed(nn.Module):
 
 
 class PatchPreprocessor(nn.Module):
-    """Stem tokens with a class token prepended, plus learned positions (vision, audio, depth, thermal)."""
+    """Stem tokens with a class token prepended, plus learned positions (vision, audio, depth, thermal).
 
-    def __init__(self, stem_name: str, stem: PatchStem, patches: int, width: int) -> None:
+    `patch` (vision, depth, thermal): the stem's patch size; an input whose patch grid holds another number of
+    patches than the stored table gets the table interpolated to its grid (`interpolate_pos_embed`). Audio
+    (None) has a fixed [128, 204] input."""
+
+    def __init__(self, stem_name: str, stem: PatchStem, patches: int, width: int,
+                 patch: Optional[int] = None) -> None:
         super().__init__()
         self.stem_name = stem_name
+        self.patch = patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         setattr(self, stem_name, stem)
         self.pos_embedding_helper = PosEmbed(patches + 1, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = getattr(self, self.stem_name)(x)
+        pos_embed = self.pos_embedding_helper.pos_embed
+        if self.patch is not None:
+            grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+            if tokens.shape[1] != grid[0] * grid[1]:
+                raise LitAdapterError(f"ImageBind vision takes clips of {FRAMES} frames (one temporal patch), got "
+                                      f"{x.shape[2]}: the position table has no time axis")
+            pos_embed = interpolate_pos_embed(pos_embed, grid)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return tokens + check_tokens(self.pos_embedding_helper.pos_embed, tokens)
+        return tokens + check_tokens(pos_embed, tokens)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The official rule: the class token's position kept, the patches' table [1, 1 + n * n, D] (one temporal patch)
+    resized bicubically over its n x n grid to `grid`, only when the patch count differs (never at 224 px).
+
+    The official code resizes by the factor sqrt(patches wanted / stored), so only to square grids; this resizes to
+    the input's own grid (the same result for a square one, and non-square images work too)."""
+    if pos_embed.shape[1] - 1 == grid[0] * grid[1]:
+        return pos_embed
+    return torch.cat([pos_embed[:, :1], resize_grid(pos_embed[:, 1:], grid)], dim=1)
+
+
+def resize_grid(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1, n * n, D] laid out row-major over an n x n grid -> [1, h * w, D] by bicubic interpolation (torch's,
+    align_corners False), computed in float32 as the official code does for bfloat16."""
+    side = math.isqrt(table.shape[1])
+    if side * side != table.shape[1]:
+        raise LitAdapterError(f"ImageBind position table of {table.shape[1]} patches is not a square grid: it "
+                              "cannot be interpolated; give inputs of the size it was trained on")
+    square = table.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(table.dtype)
 
 
 class ImuPreprocessor(nn.Module):
@@ -274,14 +314,14 @@ class ImageBind(nn.Module):
         self.modality_preprocessors = nn.ModuleDict({
             "vision": PatchPreprocessor("rgbt_stem", PatchStem(nn.Sequential(RepeatFrames(), nn.Conv3d(
                 3, c.vision.width, (FRAMES, VISION_PATCH, VISION_PATCH), (FRAMES, VISION_PATCH, VISION_PATCH),
-                bias=False)), None), (IMAGE_SIZE // VISION_PATCH) ** 2, c.vision.width),
+                bias=False)), None), (IMAGE_SIZE // VISION_PATCH) ** 2, c.vision.width, VISION_PATCH),
             "text": TextPreprocessor(c.vocab_size, c.context_length, c.text.width),
             "audio": PatchPreprocessor("rgbt_stem", PatchStem(nn.Conv2d(
                 1, c.audio.width, AUDIO_KERNEL, AUDIO_STRIDE, bias=False), c.audio.width), audio_patches(),
                 c.audio.width),
             **{m: PatchPreprocessor(STEM_NAMES[m], PatchStem(nn.Conv2d(
                 1, getattr(c, m).width, DEPTH_PATCH, DEPTH_PATCH, bias=False), getattr(c, m).width),
-                (IMAGE_SIZE // DEPTH_PATCH) ** 2, getattr(c, m).width) for m in ("depth", "thermal")},
+                (IMAGE_SIZE // DEPTH_PATCH) ** 2, getattr(c, m).width, DEPTH_PATCH) for m in ("depth", "thermal")},
             "imu": ImuPreprocessor(c.imu.width),
         })
         self.modality_trunks = nn.ModuleDict(

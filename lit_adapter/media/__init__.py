@@ -2,7 +2,7 @@
 
 One function per modality turns one file into the tensor ImageBind takes for it (`load(modality, path)`); a batch
 stacks them. Errors name the file on one line. Decoders are imported on first use: PyAV (`av`) for video and audio,
-torchaudio for resampling and Kaldi filterbanks, plyfile for .ply clouds (extra `[imagebind]`).
+torchaudio for resampling and Kaldi filterbanks, plyfile and pypcd4 for .ply and .pcd clouds (extra `[imagebind]`).
 
 | modality | files | tensor per file |
 |---|---|---|
@@ -11,7 +11,7 @@ torchaudio for resampling and Kaldi filterbanks, plyfile for .ply clouds (extra 
 | audio | wav, flac, mp3, ... (PyAV) | [3, 1, 128, 204]: 3 clips of 2 s |
 | depth, thermal | png, ... (PIL), depth also .npy | [1, 224, 224] |
 | imu | .npy, .pt [6, 2000] | [6, 2000] |
-| point | ply, xyz, txt, npy, pt (pcd with open3d) | [N, 3] |
+| point | ply, pcd (ascii, binary, binary_compressed), xyz, txt, pts, npy, pt | [N, 3], centred, unit radius |
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ImageBind-LLM feeds clouds as stored; its examples are already in the form Point-Bind was trained on (the centroid
 subtracted, divided by the largest point norm), which `normalize_points` makes of any cloud (and leaves such a
-cloud unchanged). Files: .ply (plyfile), .xyz / .txt / .pts (whitespace columns, x y z first), .npy and .pt
-([N, >=3] arrays), .pcd (open3d, if installed).
+cloud unchanged). Files: .ply (plyfile), .pcd (pypcd4: ASCII, binary and binary_compressed; the fields named x,
+y, z), .xyz / .txt / .pts (whitespace columns, x y z first), .npy and .pt ([N, >=3] arrays).
 """
 
 from __future__ import annotations
@@ -56,13 +56,28 @@ def _read(path: Path, suffix: str) -> np.ndarray:
             raise LitAdapterError(f"{path}: expected a tensor [N, 3], got {type(data).__name__}")
         return data.numpy()
     if suffix == ".pcd":
-        try:
-            import open3d
-        except ImportError:
-            raise LitAdapterError(f"{path}: reading .pcd needs open3d (pip install open3d), or convert it "
-                                  "to .ply/.xyz/.npy") from None
-        return np.asarray(open3d.io.read_point_cloud(str(path)).points)
+        return _read_pcd(path)
     return np.loadtxt(path, ndmin=2)
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    """The x, y, z fields of a PCD file (ASCII, binary or binary_compressed), by name: other fields (intensity,
+    rgb, normals) may come in any order."""
+    try:
+        from pypcd4 import PointCloud
+    except ImportError:
+        raise LitAdapterError(f"{path}: reading .pcd needs pypcd4 (pip install pypcd4, or the extra "
+                              "lit-adapter[imagebind]), or convert it to .ply/.xyz/.npy") from None
+    cloud = PointCloud.from_path(path)
+    missing = [axis for axis in "xyz" if axis not in cloud.fields]
+    if missing:
+        raise LitAdapterError(f"{path}: the PCD file has no field {missing[0]!r} (fields: {list(cloud.fields)}); "
+                              "a point cloud needs x, y and z")
+    xyz = cloud.numpy(("x", "y", "z"))
+    if len(xyz) != cloud.points:  # binary data cut at a record boundary reads without complaint
+        raise LitAdapterError(f"{path}: the PCD header declares {cloud.points} points, the file holds {len(xyz)}: "
+                              "the file is truncated")
+    return xyz
 
 
 def load_points(path: Path) -> torch.Tensor:

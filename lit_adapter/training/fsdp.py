@@ -60,7 +60,11 @@ class AdapterFSDPStrategy(FSDPStrategy):
             auto_wrap_policy={Block},
             activation_checkpointing_policy={Block} if activation_checkpointing else None,
             use_orig_params=True,
-            mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype),
+            # no module class kept out of mixed precision: torch's default (batch norms) would hook every batch norm,
+            # those of the ignored frozen encoders too (ImageBind's point trunk), to cast inputs to float32 while
+            # their weights are in the compute dtype; the LLaMA blocks have none
+            mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype,
+                                           _module_classes_to_ignore=()),
             sharding_strategy=sharding_strategy,
             cpu_offload=cpu_offload,
             state_dict_type="full",
