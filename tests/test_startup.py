@@ -111,3 +111,20 @@ def test_text_only_generate_never_imports_open_clip_timm_or_torchvision(stories2
     record, imported = result.stdout.strip().splitlines()
     assert json.loads(record)["new_tokens"] == 4
     assert imported == "[]", imported  # none of open_clip, timm (the ViT blocks are ours) or torchvision
+
+
+def test_generate_as_the_program_ends_at_once_and_quietly_when_its_reader_goes(stories260k_dir) -> None:
+    """Run as the console script, `generate` ends through `exit_now` (no interpreter teardown) with all its output
+    written; a reader that leaves early (`| head -c 20`) ends it as SIGPIPE would, with nothing on stderr."""
+    script = str(Path(sys.executable).with_name("lit-adapter"))
+    command = [script, "generate", "--checkpoint_dir", str(stories260k_dir), "--max_new_tokens", "40", "--temperature",
+               "0", "--prompt", "Once upon a time"]  # fmt: skip
+    whole = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    reference = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(reference.stdout)["text"] in whole.stdout and "40 tokens in" in whole.stderr
+    process = subprocess.Popen([*command[:5], "200", *command[6:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(20)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141 and stderr == b"", stderr
