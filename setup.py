@@ -36,7 +36,7 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "peft>=0.13", "ruff>=0.5", "av>=12",
                  "plyfile>=1.0", "pypcd4>=1.5.1", "faiss-cpu>=1.8", "torchaudio==2.11.*", "diffusers>=0.30",
                  "lm-eval>=0.4.5", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40",
-                 "langchain-core>=0.3", "langchain-openai>=0.2", "playwright>=1.44"],
+                 "langchain-core>=0.3", "langchain-openai>=0.2", "playwright>=1.44", "tiktoken>=0.7"],
         "ocr": ["pytesseract>=0.3"],
         # ImageBind-LLM's decoders and filterbanks (torchaudio 2.11 leaves any torch >= 2.11 in place)
         "imagebind": ["av>=12", "plyfile>=1.0", "pypcd4>=1.5.1", "torchaudio==2.11.*"],
@@ -45,6 +45,7 @@ setup(
         "lm-eval": ["lm-eval>=0.4.5"],  # `lit-adapter eval lm-eval`
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # `lit-adapter serve`
         "langchain": ["langchain-core>=0.3"],  # lit_adapter.integrations.langchain
+        "llama3-meta": ["tiktoken>=0.7", "transformers>=4.45"],  # `convert` of Meta's own Llama 3.x folders
     },
     entry_points={"console_scripts": ["lit-adapter=lit_adapter.cli:main"]},
 )

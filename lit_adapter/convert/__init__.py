@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -9,6 +10,7 @@ import torch
 
 from lit_adapter.checkpoint import save_checkpoint
 from lit_adapter.config import ModelConfig
+from lit_adapter.convert.meta_tokenizer import is_tiktoken_file, write_hf_tokenizer
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.tokenizer import Tokenizer, find_tokenizer_file
 
@@ -78,7 +80,8 @@ def convert(
             (config.json + model.safetensors / pytorch_model.bin, sharded or not) or a llama2.c legacy `.bin` file.
         out_dir: the folder to write (model.safetensors, model_config.yaml, tokenizer.model or tokenizer.json).
         tokenizer: the SentencePiece tokenizer.model or Hugging Face tokenizer.json (its tokenizer_config.json and
-            generation_config.json beside it are copied too); found beside or above SOURCE when not given.
+            generation_config.json beside it are copied too), or Llama 3's tiktoken tokenizer.model (written as a
+            tokenizer.json with Meta's special tokens and chat format); found beside or above SOURCE when not given.
         dtype: the dtype of the written weights; by default the source's own (llama2.c files are float32).
     """
     source, out_dir = Path(source), Path(out_dir)
@@ -88,6 +91,13 @@ def convert(
         raise LitAdapterError(
             f"{source}: no tokenizer.model found beside or above it (nor a tokenizer.json); pass --tokenizer FILE"
         )
+    with tempfile.TemporaryDirectory(prefix="lit-adapter-tokenizer-") as scratch:
+        if is_tiktoken_file(tokenizer):  # Meta's Llama 3 folders
+            tokenizer = write_hf_tokenizer(tokenizer, Path(scratch))
+        return _convert(source, out_dir, tokenizer, dtype)
+
+
+def _convert(source: Path, out_dir: Path, tokenizer: Path, dtype: Optional[str]) -> Path:
     vocab = Tokenizer(tokenizer).vocab_size
     fmt, config, state_dict = load_source(source)
     if vocab > config.vocab_size:

@@ -61,8 +61,6 @@ def split_dim(key: str) -> Optional[int]:
 def read_params(path: Path, vocab_rows: int) -> ModelConfig:
     """params.json -> ModelConfig; vocab_size -1 means the embedding's row count."""
     params = read_json_object(path, "a Meta checkpoint folder needs its params.json")
-    if params.get("use_scaled_rope"):
-        raise LitAdapterError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise LitAdapterError(f"{path}: required key {key!r} is missing")
@@ -77,11 +75,20 @@ def read_params(path: Path, vocab_rows: int) -> ModelConfig:
         kwargs[key] = int(value) if key in INT_PARAMS else float(value)
     if kwargs.get("vocab_size", -1) <= 0:
         kwargs["vocab_size"] = vocab_rows
+    if params.get("use_scaled_rope"):
+        kwargs["rope_scaling"] = scaled_rope(params)
     try:
         config = ModelConfig(name=path.parent.name, **kwargs)
     except LitAdapterError as err:
         raise LitAdapterError(f"{path}: {err}") from None
     return with_known_name(config, has_max_seq_len="max_seq_len" in kwargs)
+
+
+def scaled_rope(params: dict[str, Any]) -> dict[str, Any]:
+    """Llama 3.1+'s `use_scaled_rope`: the frequency rescaling of Meta's `apply_scaling`, whose constants Meta's
+    code fixes (factor 8, bands 1 and 4 over the original 8192 positions) unless params.json names a factor."""
+    return {"rope_type": "llama3", "factor": float(params.get("rope_scaling_factor") or 8.0), "low_freq_factor": 1.0,
+            "high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0), "original_max_seq_len": 8192}
 
 
 def with_known_name(config: ModelConfig, has_max_seq_len: bool = True) -> ModelConfig:
