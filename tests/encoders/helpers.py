@@ -4,7 +4,10 @@ module: scaled-down widths for tests, the huge sizes for the key/parameter count
 from __future__ import annotations
 
 import math
+import wave
+from pathlib import Path
 
+import numpy as np
 import torch
 
 E = 1024  # the joint embedding width (kept at tiny sizes: the bind network expects 1024)
@@ -110,4 +113,14 @@ def imagebind_state(sizes: dict = TINY, point: dict | None = TINY_POINT, seed: i
 
 def save_tiny_imagebind(path, seed: int = 0, point: bool = True):
     torch.save(imagebind_state(point=TINY_POINT if point else None, seed=seed), path)
+    return path
+
+
+def write_pcm16(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """A mono 16-bit PCM WAV of `samples` (int16), written with the standard library."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype(np.int16).tobytes())
     return path

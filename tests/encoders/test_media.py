@@ -3,7 +3,6 @@ called directly and hand-computed clip spans, crop boxes and point normalisation
 
 from __future__ import annotations
 
-import wave
 from fractions import Fraction
 
 import numpy as np
@@ -17,6 +16,7 @@ from lit_adapter.errors import LitAdapterError
 from lit_adapter.media.clips import clip_spans
 from lit_adapter.media.points import normalize_points
 from lit_adapter.media.video import crop_boxes
+from tests.encoders.helpers import write_pcm16
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -25,11 +25,7 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 def write_sine(path, seconds: float, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     samples = np.round(12000 * np.sin(2 * np.pi * hz * t) + 800 * np.sin(2 * np.pi * 3 * t)).astype(np.int16)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
+    write_pcm16(path, samples, rate)
     return samples
 
 

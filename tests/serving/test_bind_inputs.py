@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import wave
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import torch
 
 from lit_adapter.errors import LitAdapterError
 from tests.adapters.test_imagebind_llm import official_imagebind_llm
-from tests.encoders.helpers import save_tiny_imagebind
+from tests.encoders.helpers import save_tiny_imagebind, write_pcm16
 from tests.helpers import run_main, write_image
 from tests.serving.conftest import MODEL, data_url, health, running_server
 
@@ -30,12 +29,7 @@ def write_wav(path: Path, seconds: float = 2.5, rate: int = 22050) -> Path:
     """A 16-bit mono sine (resampled to 16 kHz on reading: the whole audio path runs)."""
     t = np.arange(int(seconds * rate)) / rate
     samples = np.round(9000 * np.sin(2 * np.pi * 330 * t) + 3000 * np.sin(2 * np.pi * 1200 * t)).astype(np.int16)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return path
+    return write_pcm16(path, samples, rate)
 
 
 @pytest.fixture(scope="module")
