@@ -101,3 +101,14 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path: Path) -> None:
 def test_gpu_benchmark_without_gpu_says_so() -> None:
     proc = run_benchmark("benchmarks.gpu", expect_rc=2)
     assert "no CUDA GPU found" in proc.stderr
+
+
+def test_startup_times_whole_runs_and_checks_the_texts_agree(stories260k_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    proc = run_benchmark("benchmarks.startup", "--checkpoint_dir", str(stories260k_dir), "--max_new_tokens", "20",
+                         "--rounds", "1", "--wait_idle", "0", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "startup" and report["texts_agree"]
+    assert set(report["seconds"]) == {"ours", "transformers", "import_torch"}
+    assert all(positive(value) for values in report["seconds"].values() for value in values)
+    assert positive(report["transformers_over_ours"]) and "the base texts agree" in proc.stdout
