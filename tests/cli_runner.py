@@ -8,11 +8,11 @@ exception escaping `main()` is printed and exits 1, as the interpreter would. Wh
 output printed while the modules import; `test_cli_errors.py` runs a few rows as real subprocesses to show that
 there is none.
 
-Two ways in (from the tests): `run_batch(requests, workers)` runs a list of requests in one batch process, several
-at a time; `run_forked(requests, timeout)` runs requests together in the session's lasting batch process, started
-on first use with the first caller's environment (each request then brings its whole environment), for tests that
-run commands one after another. A request is a dict with argv, cwd, env (added to the batch process's environment)
-or environ (the whole environment), stdin, pythonpath, out (a folder that receives stdout / stderr).
+The batch process lasts the session: started on first use (with the first caller's environment; each request then
+brings its whole environment), it takes one batch at a time. Two ways in (from the tests): `run_batch(requests,
+workers)` runs a list of requests, `workers` at a time; `run_forked(requests, timeout)` runs requests together, for
+tests that run commands one after another. A request is a dict with argv, cwd, env (added to the caller's
+environment) or environ (the whole environment), stdin, pythonpath, out (a folder that receives stdout / stderr).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -42,16 +43,13 @@ PRELOADED = (
 def run_batch(
     requests: list[dict[str, Any]], workers: int = 3, timeout: float = 600
 ) -> tuple[list[int], list[float], str]:
-    """Runs every request (see the module docstring); returns their exit codes and wall times, in order, and what
-    the batch process itself printed on stderr while importing (a real process would print it too)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.run(
-        [sys.executable, __file__, str(workers)], input=json.dumps(requests), capture_output=True, text=True,
-        env=env, timeout=timeout, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert process.returncode == 0, process.stderr
-    codes, seconds = json.loads(process.stdout)
-    return codes, seconds, process.stderr
+    """Runs every request (see the module docstring), `workers` at a time, each with this process's environment
+    plus its own `env`; returns their exit codes and wall times, in order, and what the batch process printed on
+    stderr while importing (a real process would print it too)."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    whole = [{**request, "environ": {**base, **(request.get("env") or {})}} for request in requests]
+    codes, seconds = _LASTING.run(whole, timeout, workers)
+    return codes, seconds, _LASTING.preload_output
 
 
 def _child(request: dict[str, Any]) -> None:
@@ -103,66 +101,60 @@ def _preload() -> None:
         importlib.import_module(module)
 
 
-def _serve(workers: int) -> None:
+def _serve() -> None:
+    """One batch per line on stdin, {"requests": [...], "workers": N}: each request forked, at most N running at a
+    time; answers {"codes", "seconds"} when all have ended. Says {"ready": true} once the modules are imported."""
     _preload()
-    requests = json.loads(sys.stdin.read())
-    codes: list[int] = [0] * len(requests)
-    seconds: list[float] = [0.0] * len(requests)
-    running: dict[int, tuple[int, float]] = {}  # pid -> (request index, start time)
-    pending = list(range(len(requests)))
-    while pending or running:
-        while pending and len(running) < workers:
-            index = pending.pop(0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _child(requests[index])
-            running[pid] = index, time.monotonic()
-        pid, status = os.wait()
-        index, started = running.pop(pid)
-        codes[index], seconds[index] = os.waitstatus_to_exitcode(status), time.monotonic() - started
-    print(json.dumps([codes, seconds]))
-
-
-def _serve_lasting() -> None:
-    """One list of requests per line on stdin, run together; answers {"pids"} once forked, then {"codes",
-    "seconds"} when all have ended."""
-    _preload()
+    print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        requests = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        started = time.monotonic()
-        pids = []
-        for request in requests:
-            pid = os.fork()
-            if pid == 0:
-                _child(request)
-            pids.append(pid)
-        print(json.dumps({"pids": pids}), flush=True)
-        codes, seconds = [], []
-        for pid in pids:
-            _, status = os.waitpid(pid, 0)
-            codes.append(os.waitstatus_to_exitcode(status))
-            seconds.append(time.monotonic() - started)
+        batch = json.loads(line)
+        requests, workers = batch["requests"], batch["workers"]
+        codes: list[int] = [0] * len(requests)
+        seconds: list[float] = [0.0] * len(requests)
+        running: dict[int, tuple[int, float]] = {}  # pid -> (request index, start time)
+        pending = list(range(len(requests)))
+        while pending or running:
+            while pending and len(running) < workers:
+                index = pending.pop(0)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(requests[index])
+                running[pid] = index, time.monotonic()
+            pid, status = os.wait()
+            index, started = running.pop(pid)
+            codes[index], seconds[index] = os.waitstatus_to_exitcode(status), time.monotonic() - started
         print(json.dumps({"codes": codes, "seconds": seconds}), flush=True)
 
 
 class _Lasting:
-    """The session's lasting batch process (see the module docstring)."""
+    """The session's lasting batch process (see the module docstring), in a process group of its own with every
+    command it forks (and what those start), so that a command past its time is ended with all of it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.process: Optional[subprocess.Popen] = None
+        self.preload_output = ""
 
     def start(self) -> subprocess.Popen:
         if self.process is None or self.process.poll() is not None:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-            self.process = subprocess.Popen([sys.executable, __file__, "lasting"], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-            atexit.register(self.process.kill)
+            with tempfile.TemporaryFile("w+") as stderr:
+                self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                                cwd=REPO_ROOT, start_new_session=True)  # fmt: skip
+                atexit.register(self.stop)
+                assert self.answer(self.process, 600) == {"ready": True}, "the batch process did not start"
+                stderr.seek(0)
+                self.preload_output = stderr.read()
         return self.process
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def answer(self, process: subprocess.Popen, timeout: Optional[float]) -> Optional[dict]:
         ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -171,18 +163,14 @@ class _Lasting:
             raise RuntimeError("the lasting batch process ended unexpectedly")
         return json.loads(line) if line else None
 
-    def run(self, requests: list[dict[str, Any]], timeout: float) -> tuple[list[int], list[float]]:
+    def run(self, requests: list[dict[str, Any]], timeout: float, workers: int) -> tuple[list[int], list[float]]:
         with self.lock:
             process = self.start()
-            process.stdin.write(json.dumps(requests) + "\n")
+            process.stdin.write(json.dumps({"requests": requests, "workers": workers}) + "\n")
             process.stdin.flush()
-            pids = self.answer(process, 600)["pids"]
             done = self.answer(process, timeout)
             if done is None:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.answer(process, None)
+                self.stop()  # and its commands: the next call starts a new one
                 raise subprocess.TimeoutExpired(requests[0]["argv"], timeout)
             return done["codes"], done["seconds"]
 
@@ -192,8 +180,8 @@ _LASTING = _Lasting()
 
 def run_forked(requests: list[dict[str, Any]], timeout: float = 600) -> tuple[list[int], list[float]]:
     """Runs the requests together in the session's lasting batch process; their exit codes and wall seconds."""
-    return _LASTING.run(requests, timeout)
+    return _LASTING.run(requests, timeout, workers=len(requests))
 
 
 if __name__ == "__main__":
-    _serve_lasting() if sys.argv[1] == "lasting" else _serve(int(sys.argv[1]))
+    _serve()
