@@ -76,7 +76,7 @@ def read_params(path: Path, vocab_rows: int) -> ModelConfig:
     if kwargs.get("vocab_size", -1) <= 0:
         kwargs["vocab_size"] = vocab_rows
     if params.get("use_scaled_rope"):
-        kwargs["rope_scaling"] = scaled_rope(params)
+        kwargs["rope_scaling"] = scaled_rope(path, params)
     try:
         config = ModelConfig(name=path.parent.name, **kwargs)
     except LitAdapterError as err:
@@ -84,11 +84,17 @@ def read_params(path: Path, vocab_rows: int) -> ModelConfig:
     return with_known_name(config, has_max_seq_len="max_seq_len" in kwargs)
 
 
-def scaled_rope(params: dict[str, Any]) -> dict[str, Any]:
+def scaled_rope(path: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Llama 3.1+'s `use_scaled_rope`: the frequency rescaling of Meta's `apply_scaling`, whose constants Meta's
     code fixes (factor 8, bands 1 and 4 over the original 8192 positions) unless params.json names a factor."""
-    return {"rope_type": "llama3", "factor": float(params.get("rope_scaling_factor") or 8.0), "low_freq_factor": 1.0,
-            "high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0), "original_max_seq_len": 8192}
+    values = {}
+    for key, default in (("rope_scaling_factor", 8.0), ("rope_high_freq_factor", 4.0)):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 1):
+            raise LitAdapterError(f"{path}: {key} must be a number above 1, got {value!r}")
+        values[key] = float(value if value is not None else default)
+    return {"rope_type": "llama3", "factor": values["rope_scaling_factor"], "low_freq_factor": 1.0,
+            "high_freq_factor": values["rope_high_freq_factor"], "original_max_seq_len": 8192}
 
 
 def with_known_name(config: ModelConfig, has_max_seq_len: bool = True) -> ModelConfig:

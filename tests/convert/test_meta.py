@@ -165,8 +165,9 @@ def test_params_errors(sharded, tmp_path) -> None:
     (folder / "params.json").write_text(json.dumps({**meta_params(CONFIG), "n_heads": "four"}))
     with pytest.raises(LitAdapterError, match=r"params.json: n_heads must be a number"):
         load_meta(folder)
-    (folder / "params.json").write_text(json.dumps({**meta_params(CONFIG), "use_scaled_rope": True}))
-    with pytest.raises(LitAdapterError, match=r"params.json: use_scaled_rope"):
+    scaled = {**meta_params(CONFIG), "use_scaled_rope": True, "rope_scaling_factor": "eight"}
+    (folder / "params.json").write_text(json.dumps(scaled))
+    with pytest.raises(LitAdapterError, match=r"params.json: rope_scaling_factor must be a number above 1"):
         load_meta(folder)
     (folder / "params.json").write_text(json.dumps({**meta_params(CONFIG), "multiple_of": 32}))
     with pytest.raises(LitAdapterError, match=r"consolidated.00.pth: weight 'layers.0.feed_forward.w1.weight' has "
