@@ -1,6 +1,7 @@
 """The chat page in a real headless browser (Debian's chromium driven by playwright, no browser download): a
 message with an uploaded image streams an answer equal to the API's; a second turn keeps the conversation; the stop
-button ends an answer; a screenshot is saved."""
+button ends an answer; a screenshot is saved; an ImageBind-LLM adapter's page sends an uploaded audio file with the
+image and answers as the API does."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.serving.conftest import MODEL, data_url, running_server
+from tests.serving.test_bind_inputs import QUESTION, audio_part, bind_files, bind_server, post  # noqa: F401
 
 CHROMIUM = os.environ.get("LIT_ADAPTER_CHROMIUM", "/usr/bin/chromium")
 
@@ -23,16 +25,25 @@ def server(stories260k_dir: Path, serve_adapter: Path):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"chromium not found at {CHROMIUM}: apt-get install chromium (or set LIT_ADAPTER_CHROMIUM)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        page.goto(server.url)
-        expect(page.locator("#model")).to_have_text(MODEL)
-        yield page
-        browser.close()
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(url)
+    expect(page.locator("#model")).to_have_text(MODEL)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    return open_page(browser, server.url)
 
 
 def api_answer(server, messages: list[dict], max_tokens: int) -> str:
@@ -92,3 +103,19 @@ def test_stop_button_ends_the_answer(page, server) -> None:
     page.click("#stop")
     expect(bubble).to_have_attribute("data-stopped", "true", timeout=10_000)
     expect(page.locator("#send")).to_be_enabled()
+
+
+def test_an_imagebind_llm_page_sends_the_audio_with_the_image(browser, bind_server, bind_files) -> None:  # noqa: F811
+    bind_page = open_page(browser, bind_server.url)
+    bind_page.fill("#temperature", "0")
+    bind_page.fill("#max_tokens", "24")
+    bind_page.set_input_files("#image", str(bind_files["image"]))
+    bind_page.set_input_files("#audio", str(bind_files["audio"]))
+    expect(bind_page.locator("#audio_name")).to_have_text("b.wav")
+    bubble = send(bind_page, QUESTION)
+    parts = [{"type": "image_url", "image_url": {"url": data_url(bind_files["image"])}},
+             audio_part(bind_files["audio"].read_bytes())]
+    answer = post(bind_server, [{"role": "user", "content": [{"type": "text", "text": QUESTION}, *parts]}])
+    assert bubble.locator(".text").inner_text() == answer.json()["choices"][0]["message"]["content"]
+    assert bind_page.locator(".message.user .audio").inner_text() == " [audio: b.wav]"
+    expect(bind_page.locator("#audio_name")).to_be_hidden()  # sent with this message only
