@@ -147,11 +147,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         decoding = request_decoding(replace(settings.chat_defaults, stop=engine.style.stop_sequences), body,
                                     settings.max_new_tokens)
         job = _submit(scheduler, ids, decoding, body.seed, image, lstrip=True)
-        if body.stream:
-            return _stream(job, body, settings.model_name, chat=True)
-        completion = await _wait(job, request)
-        return protocol.chat_completion(protocol.new_id("chatcmpl"), settings.model_name, completion.text,
-                                        completion.finish, completion.prompt_tokens, completion.new_tokens)
+        return await _answer(job, body, request, settings.model_name, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -159,13 +155,20 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         ids = await asyncio.to_thread(_completion_prompt, engine, body.text())
         decoding = request_decoding(settings.completion_defaults, body, settings.max_new_tokens)
         job = _submit(scheduler, ids, decoding, body.seed, None, lstrip=False)
-        if body.stream:
-            return _stream(job, body, settings.model_name, chat=False)
-        completion = await _wait(job, request)
-        return protocol.text_completion(protocol.new_id("cmpl"), settings.model_name, completion.text,
-                                        completion.finish, completion.prompt_tokens, completion.new_tokens)
+        return await _answer(job, body, request, settings.model_name, chat=False)
 
     return app
+
+
+async def _answer(job: Job, body: protocol.Sampling, request: Request, model_name: str, chat: bool) -> Any:
+    """The response to a submitted job: server-sent events while it decodes (`stream`), else the whole completion
+    (a chat completion or a text completion) once it has ended."""
+    if body.stream:
+        return _stream(job, body, model_name, chat=chat)
+    completion = await _wait(job, request)
+    build, prefix = (protocol.chat_completion, "chatcmpl") if chat else (protocol.text_completion, "cmpl")
+    return build(protocol.new_id(prefix), model_name, completion.text, completion.finish, completion.prompt_tokens,
+                 completion.new_tokens)
 
 
 def _add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
