@@ -113,16 +113,18 @@ def test_text_only_generate_never_imports_open_clip_timm_or_torchvision(stories2
     assert imported == "[]", imported  # none of open_clip, timm (the ViT blocks are ours) or torchvision
 
 
-def test_generate_as_the_program_ends_at_once_and_quietly_when_its_reader_goes(stories260k_dir) -> None:
+def test_generate_as_the_program_ends_at_once_and_quietly_when_its_reader_goes(stories260k_dir, capsys,
+                                                                              monkeypatch) -> None:
     """Run as the console script, `generate` ends through `exit_now` (no interpreter teardown) with all its output
-    written; a reader that leaves early (`| head -c 20`) ends it as SIGPIPE would, with nothing on stderr."""
-    script = str(Path(sys.executable).with_name("lit-adapter"))
-    command = [script, "generate", "--checkpoint_dir", str(stories260k_dir), "--max_new_tokens", "40", "--temperature",
-               "0", "--prompt", "Once upon a time"]  # fmt: skip
+    written (as the same command run in this process, which returns normally, prints it); a reader that leaves
+    early (`| head -c 20`) ends it as SIGPIPE would, with nothing on stderr."""
+    args = ["generate", "--checkpoint_dir", str(stories260k_dir), "--max_new_tokens", "40", "--temperature", "0",
+            "--prompt", "Once upon a time"]  # fmt: skip
+    command = [str(Path(sys.executable).with_name("lit-adapter")), *args]
     whole = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert whole.returncode == 0, whole.stderr
-    reference = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
-    assert json.loads(reference.stdout)["text"] in whole.stdout and "40 tokens in" in whole.stderr
+    code, out, _ = run_main(args, capsys, monkeypatch)
+    assert code == 0 and whole.stdout == out and out.strip() and "40 tokens in" in whole.stderr
     process = subprocess.Popen([*command[:5], "200", *command[6:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.read(20)
     process.stdout.close()
