@@ -15,8 +15,6 @@ import torch
 from lit_adapter.devices import peak_memory_gb
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import write_jsonl
-from lit_adapter.images import check_image
-from lit_adapter.inference.batch import generate_records, read_prompts
 from lit_adapter.inference.engine import (
     ADAPTER_DECODING,
     BASE_DECODING,
@@ -177,6 +175,8 @@ def generate(
     if messages is not None:
         use_conversation_style(session, explicit=prompt_style is not None)
     if prompts_file is not None:
+        from lit_adapter.inference.batch import generate_records, read_prompts  # only batch mode needs it
+
         rows = generate_records(engine, read_prompts(prompts_file), session.decoding, batch_size, session.expert,
                                 session.expert_slot, session.generator, where=str(prompts_file))
         write_jsonl(rows, output_file)
@@ -253,6 +253,8 @@ def chat(
     from lit_adapter.inference.chat import ChatSession, run_chat
 
     if image is not None:
+        from lit_adapter.images import check_image  # PIL: only when an image is given
+
         check_image(image)  # a bad --image ends the command (exit 2); a bad /image in the chat is only a notice
     session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
     bind = prepare_bind(session.engine, {}, encoder_weights, cache_index, cache_size, cache_t, cache_weight)

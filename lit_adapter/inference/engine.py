@@ -19,7 +19,6 @@ from torch import Tensor
 from lit_adapter.checkpoint import load_model, tokenizer_path
 from lit_adapter.devices import resolve_device, resolve_dtype
 from lit_adapter.errors import LitAdapterError
-from lit_adapter.images import check_image, load_images
 from lit_adapter.inference.cpu import CPUDecoding
 from lit_adapter.inference.cpu_store import default_store
 from lit_adapter.inference.experts import Expert
@@ -175,6 +174,8 @@ class Engine:
         if not images or not self.multimodal:
             return None
         transform = self.adapter_model.visual.config.transform(train=False)
+        from lit_adapter.images import load_images  # PIL: only when there are images
+
         pixels = load_images(images, transform, self.device, self.dtype)
         return self.adapter_model.encode_images(pixels)
 
@@ -291,6 +292,8 @@ def build_prompt(
     An image must be readable; without an expert it must be for a multimodal model (which sees its pixels).
     """
     if image is not None:
+        from lit_adapter.images import check_image
+
         check_image(image)
         if expert is None and not engine.multimodal:
             raise LitAdapterError(

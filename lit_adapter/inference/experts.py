@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 from lit_adapter.errors import LitAdapterError, first_line
 from lit_adapter.files import read_json
-from lit_adapter.images import open_image
 from lit_adapter.prompts import CAPTION_INSTRUCTION
 
 # (image path, instruction) -> generated text: a loaded multimodal model answering about one image
@@ -90,6 +89,8 @@ class OCRExpert(Expert):
 def _ocr_backend() -> Callable[[Path], str]:
     try:
         import pytesseract
+
+        from lit_adapter.images import open_image  # PIL: only for an OCR expert
 
         return lambda image: pytesseract.image_to_string(open_image(image))
     except ImportError:
