@@ -107,11 +107,6 @@ def generate_records(
     return results  # type: ignore[return-value]
 
 
-def takes_bind_inputs(engine: Engine) -> bool:
-    visual = getattr(engine.adapter_model, "visual", None)
-    return visual is not None and visual.config.mode == "bind"
-
-
 def check_inputs(engine: Engine, records: Sequence[PromptRecord], where: str) -> None:
     """Refuse, before decoding anything, a record input the model cannot take."""
     from lit_adapter.media.inputs import bind_visual
@@ -123,7 +118,7 @@ def check_inputs(engine: Engine, records: Sequence[PromptRecord], where: str) ->
 
 def has_visual_input(engine: Engine, record: PromptRecord) -> bool:
     """Whether the record's prompt gets a visual token (batches keep such records apart from the others)."""
-    if takes_bind_inputs(engine):
+    if engine.binds:
         return bool(record.bind_inputs())
     return engine.multimodal and record.image is not None
 
@@ -131,7 +126,7 @@ def has_visual_input(engine: Engine, record: PromptRecord) -> bool:
 def prompt_ids(
     engine: Engine, record: PromptRecord, expert: Optional[Expert], slot: ExpertSlot, where: str
 ) -> torch.Tensor:
-    image = None if takes_bind_inputs(engine) else record.image  # ImageBind-LLM sees the image through its encoder
+    image = None if engine.binds else record.image  # ImageBind-LLM sees the image through its encoder
     try:
         text = build_prompt(engine, record.prompt, record.input, image, expert, slot)
     except LitAdapterError as err:
@@ -180,7 +175,7 @@ def chunk_visual_tokens(engine: Engine, records: Sequence[PromptRecord], where: 
     """One row of visual tokens per record: images through the visual encoder, or ImageBind-LLM's mixed inputs."""
     if not all(has_visual_input(engine, record) for record in records):
         return None
-    if not takes_bind_inputs(engine):
+    if not engine.binds:
         return engine.visual_tokens([record.image for record in records])
     from lit_adapter.media.inputs import bind_tokens
 

@@ -58,12 +58,6 @@ class ChatSession:
         self.pending_context = ""
         self.media = {}
 
-    @property
-    def binds(self) -> bool:
-        """Whether the adapter is ImageBind-LLM's (its inputs of every kind go through the bind network)."""
-        visual = getattr(self.engine.adapter_model, "visual", None)
-        return visual is not None and visual.config.mode == "bind"
-
     def handle(self, line: str) -> bool:
         """Act on one input line; False when the chat should end."""
         line = line.strip()
@@ -76,14 +70,14 @@ class ChatSession:
             self.notice("conversation reset")
         elif line.split()[0] in (f"/{kind}" for kind in INPUT_KINDS):
             kind, _, spec = line[1:].partition(" ")
-            if self.binds:
+            if self.engine.binds:
                 self.set_input(kind, spec.strip())
             elif kind == "image":
                 self.set_image(spec.strip())
             else:
                 self.notice(f"error: /{kind} needs an ImageBind-LLM adapter (this one takes only /image)")
         elif line.startswith("/") and line.split()[0] in ("/help", "/?"):
-            self.notice(BIND_HELP if self.binds else HELP)
+            self.notice(BIND_HELP if self.engine.binds else HELP)
         else:
             self.reply(line)
         return True

@@ -298,14 +298,13 @@ def prepare_bind(engine: Engine, media: dict, encoder_weights: Optional[Path], c
     from lit_adapter.media.inputs import bind_visual
     from lit_adapter.media.inputs import prepare_bind as attach
 
-    visual = getattr(engine.adapter_model, "visual", None)
-    if visual is None or visual.config.mode != "bind":
+    if not engine.binds:
         extra = [f"--{kind}" for kind, spec in media.items() if spec is not None and kind != "image"]
         extra += ["--encoder_weights"] * bool(encoder_weights) + ["--cache_index"] * bool(cache_index)
         if extra:
             bind_visual(engine.adapter_model, extra[0])  # refused in one line
         return False
-    attach(visual, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    attach(engine.adapter_model.visual, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
     return True
 
 

@@ -153,6 +153,12 @@ class Engine:
         return self.adapter_model is not None and getattr(self.adapter_model, "visual", None) is not None
 
     @property
+    def binds(self) -> bool:
+        """Whether the adapter is ImageBind-LLM's: its inputs of every kind go through the bind network."""
+        visual = getattr(self.adapter_model, "visual", None)
+        return visual is not None and visual.config.mode == "bind"
+
+    @property
     def context_length(self) -> int:
         return self.llama.config.max_seq_len
 
@@ -160,8 +166,11 @@ class Engine:
         return self.style.apply(instruction, input)
 
     def encode(self, text: str) -> Tensor:
+        return torch.tensor(self.prompt_ids(text), device=self.device)
+
+    def prompt_ids(self, text: str) -> list[int]:
         # BOS unless the text comes from a chat template, which writes its own
-        return torch.tensor(self.tokenizer.encode(text, bos=self.style.adds_special_tokens), device=self.device)
+        return self.tokenizer.encode(text, bos=self.style.adds_special_tokens)
 
     def text(self, tokens: list[int], decoding: Decoding) -> str:
         """The text of generated `tokens`, cut before the first of the decoding's stop sequences."""

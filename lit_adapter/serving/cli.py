@@ -84,9 +84,7 @@ def serve(
                     cache_size=cache_size, cache_t=cache_t, cache_weight=cache_weight, merge=not no_merge,
                     precision=precision, device=device)
     settings = app.state.settings
-    from lit_adapter.serving.media import bind_mode
-
-    if bind_mode(app.state.engine) and app.state.engine.adapter_model.visual.clip is None:
+    if app.state.engine.binds and app.state.engine.adapter_model.visual.clip is None:
         print("warning: an ImageBind-LLM adapter without its ImageBind encoder: image and audio parts are answered "
               "400 (start the server with --encoder_weights imagebind_w3D.pth)", file=sys.stderr)
     if not _is_loopback(host) and api_key is None:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
 from lit_adapter.errors import LitAdapterError, first_line
-from lit_adapter.serving.media import BindInputs, bind_mode, bind_tokens, check_encoder
+from lit_adapter.serving.media import BindInputs, bind_tokens, check_encoder
 
 MAX_DOWNLOAD_BYTES = 20 * 2**20  # an http image larger than this is refused
 DOWNLOAD_TIMEOUT = 10.0
@@ -87,11 +87,10 @@ def decode_image(data: bytes, where: str):
 def check_takes_images(engine: Any, where: str) -> str:
     """The way the engine's model sees an image part: "clip" (a CLIP visual adapter) or "bind" (ImageBind-LLM, its
     encoder attached); else the part is refused."""
-    visual = getattr(engine.adapter_model, "visual", None) if engine.adapter_model is not None else None
-    if visual is None:
+    if not engine.multimodal:
         raise LitAdapterError(f"{where}: this model has no visual encoder, so it takes no images; send text only or "
                               "serve a multimodal adapter")
-    if bind_mode(engine):
+    if engine.binds:
         check_encoder(engine, where)
         return "bind"
     return "clip"

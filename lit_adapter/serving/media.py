@@ -43,12 +43,6 @@ class BindInputs:
         return [(modality, tensor.to(device), weight) for _, modality, tensor, weight in ordered]
 
 
-def bind_mode(engine: Any) -> bool:
-    """Whether the engine's adapter is ImageBind-LLM's (a bind-mode visual adapter)."""
-    visual = getattr(engine.adapter_model, "visual", None) if engine.adapter_model is not None else None
-    return visual is not None and visual.config.mode == "bind"
-
-
 def check_encoder(engine: Any, where: str) -> None:
     """Fail unless the ImageBind-LLM adapter has its ImageBind encoder (`serve --encoder_weights`)."""
     if engine.adapter_model.visual.clip is None:

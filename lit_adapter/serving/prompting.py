@@ -20,7 +20,7 @@ from lit_adapter.chat_template import content_text
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.media.inputs import NEEDS_BIND
 from lit_adapter.serving.images import ImagePolicy, check_takes_images, decode_image, image_bytes
-from lit_adapter.serving.media import AUDIO_PART, BindInputs, audio_bytes, bind_mode, check_encoder, image_suffix
+from lit_adapter.serving.media import AUDIO_PART, BindInputs, audio_bytes, check_encoder, image_suffix
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -67,7 +67,7 @@ def _parts(engine: Any, parts: list, role: str, policy: ImagePolicy, where: str,
             else:
                 image = decode_image(image_bytes(url, policy, label), label)
         elif kind == "input_audio":
-            if not bind_mode(engine):
+            if not engine.binds:
                 raise LitAdapterError(f"{label}: audio {NEEDS_BIND}; this model takes no audio")
             check_encoder(engine, label)
             inputs.add("audio", *audio_bytes(part, label), label)
