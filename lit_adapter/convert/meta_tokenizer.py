@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
 from lit_adapter.errors import LitAdapterError
+from lit_adapter.files import write_json
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
            r"\s+(?!\S)|\s+")
@@ -77,9 +77,9 @@ def write_hf_tokenizer(path: Path, folder: Path) -> Path:
     tokenizer.save(str(out))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
               "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_json(config, folder / "tokenizer_config.json")
     generation = {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": [ids[t] for t in STOP_TOKENS]}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_json(generation, folder / "generation_config.json")
     return out
 
 

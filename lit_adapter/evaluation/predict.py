@@ -79,7 +79,7 @@ class ScienceQAPredictor:
         for part in self.by_image(problems):
             prompts, truncated = [], []
             for problem in part:
-                ids = self.engine.encode(self.prompt_text(problem)).tolist()  # BOS unless the template writes it
+                ids = self.engine.prompt_ids(self.prompt_text(problem))  # BOS unless the template writes it
                 ids, cut = self.fit_context(ids, max_new_tokens, problem.pid)
                 prompts.append(torch.tensor(ids, device=self.engine.device))
                 truncated.append(cut)
