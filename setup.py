@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="lit-adapter",
@@ -10,9 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["lit_adapter", "lit_adapter.*"]),
+    # namespace discovery: serving/static (the chat page) is a package of files too
+    packages=find_namespace_packages(include=["lit_adapter", "lit_adapter.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"lit_adapter": ["data/demo_assets/*", "serving/static/*", "cli_help_texts.json"]},
+    package_data={"lit_adapter": ["serving/static/*", "cli_help_texts.json"]},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
