@@ -107,11 +107,11 @@ class ChatSession:
         if not spec:
             self.notice(f"usage: /{kind} PATH[:WEIGHT]")
             return
-        from lit_adapter.inference.cli import bind_tokens
+        from lit_adapter.media.inputs import bind_tokens
 
         media = {**self.media, kind: spec}
         try:
-            visual = bind_tokens(self.engine, media)
+            visual = bind_tokens(self.engine.adapter_model, media, self.engine.device)
         except LitAdapterError as err:
             if strict:
                 raise

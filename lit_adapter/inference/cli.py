@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from lit_adapter.devices import peak_memory_gb
+from lit_adapter.encoders.joint import CacheSettings
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.files import write_jsonl
 from lit_adapter.inference.engine import (
@@ -171,7 +172,7 @@ def generate(
     engine = session.engine
     media = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu,
              "point": point}
-    bind = prepare_bind(engine, media, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    bind = prepare_bind(engine, media, encoder_weights, cache_index, CacheSettings(cache_size, cache_t, cache_weight))
     if messages is not None:
         use_conversation_style(session, explicit=prompt_style is not None)
     if prompts_file is not None:
@@ -184,12 +185,14 @@ def generate(
         return
     if session.expert is not None and image is None:
         raise LitAdapterError(f"--expert {options.get('expert')}: needs an --image to describe")
-    visual = bind_tokens(engine, media) if bind else None
+    visual = None
+    if bind:  # ImageBind-LLM sees every input (the image too) through its encoder
+        from lit_adapter.media.inputs import bind_tokens
+
+        visual, image = bind_tokens(engine.adapter_model, media, engine.device), None
     if output_image is not None:
         draw_image(engine, media, bind, read_prompt(prompt), output_image, unclip_dir, session.generator,
                    unclip_steps)
-    if bind:
-        image = None  # ImageBind-LLM saw every input through its encoder
     if messages is not None:
         from lit_adapter.inference.chat import conversation_ids, read_messages
 
@@ -257,7 +260,8 @@ def chat(
 
         check_image(image)  # a bad --image ends the command (exit 2); a bad /image in the chat is only a notice
     session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
-    bind = prepare_bind(session.engine, {}, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    cache = CacheSettings(cache_size, cache_t, cache_weight)
+    bind = prepare_bind(session.engine, {}, encoder_weights, cache_index, cache)
     use_conversation_style(session, explicit=prompt_style is not None)
     chat_session = ChatSession(session.engine, session.decoding, system or None, session.expert, session.expert_slot,
                                session.generator)
@@ -292,7 +296,7 @@ def check_sampling(temperature: Optional[float], top_k: Optional[int], top_p: Op
 
 
 def prepare_bind(engine: Engine, media: dict, encoder_weights: Optional[Path], cache_index: Optional[Path],
-                 cache_size: int, cache_t: float, cache_weight: float) -> bool:
+                 cache: Optional[CacheSettings] = None) -> bool:
     """For an ImageBind-LLM adapter: attach its encoder (`encoder_weights`) and cache; True. Other models: False,
     and any input only ImageBind-LLM takes is refused."""
     from lit_adapter.media.inputs import bind_visual
@@ -304,7 +308,7 @@ def prepare_bind(engine: Engine, media: dict, encoder_weights: Optional[Path], c
         if extra:
             bind_visual(engine.adapter_model, extra[0])  # refused in one line
         return False
-    attach(engine.adapter_model.visual, encoder_weights, cache_index, cache_size, cache_t, cache_weight)
+    attach(engine.adapter_model.visual, encoder_weights, cache_index, cache)
     return True
 
 
@@ -324,13 +328,6 @@ def draw_image(engine: Engine, media: dict, bind: bool, prompt: str, output_imag
     generate_image(load_pipeline(unclip_dir, engine.device), prompt, embedding, output_image, generator,
                    num_inference_steps=steps)
     print(f"image written to {output_image}", file=sys.stderr)
-
-
-def bind_tokens(engine: Engine, media: dict) -> Optional[torch.Tensor]:
-    """ImageBind-LLM's visual token [1, 1, dim] for the weighted inputs (None without inputs)."""
-    from lit_adapter.media.inputs import bind_tokens as encode
-
-    return encode(engine.adapter_model, media, engine.device)
 
 
 def make_expert(

@@ -13,6 +13,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from lit_adapter.encoders.joint import CacheSettings
 from lit_adapter.errors import LitAdapterError
 from lit_adapter.media import INPUT_KINDS, load, modality_of
 
@@ -78,13 +79,14 @@ def bind_tokens(adapter_model, specs: Mapping[str, Optional[Union[str, Path]]],
 
 
 def prepare_bind(visual, encoder_weights: Optional[Path] = None, cache_index: Optional[Path] = None,
-                 cache_size: int = 10, cache_t: float = 20.0, cache_weight: float = 0.5) -> None:
-    """Attach the ImageBind encoder from `encoder_weights` and the retrieval cache to a bind-mode visual adapter."""
+                 cache: Optional[CacheSettings] = None) -> None:
+    """Attach the ImageBind encoder from `encoder_weights` and the retrieval cache (`cache`: its settings, the
+    official ones by default) to a bind-mode visual adapter."""
     from lit_adapter.encoders.imagebind import load_imagebind
-    from lit_adapter.encoders.joint import CacheSettings, load_cache
+    from lit_adapter.encoders.joint import load_cache
 
     device = visual.bind.proj.weight.device
     if encoder_weights is not None:
         visual.attach_encoder(load_imagebind(encoder_weights, device=device))
     if cache_index is not None:
-        visual.cache = (load_cache(cache_index), CacheSettings(cache_size, cache_t, cache_weight))
+        visual.cache = (load_cache(cache_index), cache or CacheSettings())

@@ -7,7 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
+
+if TYPE_CHECKING:
+    from lit_adapter.encoders.joint import CacheSettings
 
 API_KEY_ENV = "LIT_ADAPTER_API_KEY"
 BOOLEAN_FLAGS = ("--no_merge", "--allow_image_paths", "--allow_image_urls")
@@ -71,6 +74,7 @@ def serve(
         device: cpu, cuda, cuda:1, ... or auto.
         log_level: uvicorn's log level.
     """
+    from lit_adapter.encoders.joint import CacheSettings
     from lit_adapter.errors import LitAdapterError
 
     check_options(host, port, max_batch_size, max_queue, max_new_tokens, max_body_mb)
@@ -81,7 +85,7 @@ def serve(
                     max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens,
                     max_body_mb=max_body_mb, allow_image_paths=allow_image_paths,
                     allow_image_urls=allow_image_urls, encoder_weights=encoder_weights, cache_index=cache_index,
-                    cache_size=cache_size, cache_t=cache_t, cache_weight=cache_weight, merge=not no_merge,
+                    cache=CacheSettings(cache_size, cache_t, cache_weight), merge=not no_merge,
                     precision=precision, device=device)
     settings = app.state.settings
     if app.state.engine.binds and app.state.engine.adapter_model.visual.clip is None:
@@ -100,8 +104,8 @@ def build_app(checkpoint_dir: Path, adapter: Optional[Path] = None, *, api_key: 
               model_name: Optional[str] = None, prompt_style: Optional[str] = None, max_batch_size: int = 16,
               max_queue: int = 64, max_new_tokens: int = 256, max_body_mb: float = 16.0,
               allow_image_paths: bool = False, allow_image_urls: bool = False,
-              encoder_weights: Optional[Path] = None, cache_index: Optional[Path] = None, cache_size: int = 10,
-              cache_t: float = 20.0, cache_weight: float = 0.5, merge: bool = True, precision: str = "auto",
+              encoder_weights: Optional[Path] = None, cache_index: Optional[Path] = None,
+              cache: Optional[CacheSettings] = None, merge: bool = True, precision: str = "auto",
               device: str = "auto"):
     """The FastAPI app serving a checkpoint (+ adapter), as `serve` runs it (tests start it on a thread); an
     ImageBind-LLM adapter gets its encoder and retrieval cache as `generate` attaches them (`prepare_bind`; for any
@@ -113,7 +117,7 @@ def build_app(checkpoint_dir: Path, adapter: Optional[Path] = None, *, api_key: 
 
     engine = load_engine(checkpoint_dir, adapter, prompt_style, device, precision, merge)
     prepare_bind(engine, {}, Path(encoder_weights) if encoder_weights is not None else None,
-                 Path(cache_index) if cache_index is not None else None, cache_size, cache_t, cache_weight)
+                 Path(cache_index) if cache_index is not None else None, cache)
     settings = ServerSettings(
         model_name=model_name or default_model_name(Path(checkpoint_dir), adapter), api_key=api_key,
         max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens,

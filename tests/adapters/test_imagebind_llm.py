@@ -176,6 +176,7 @@ def test_generate_with_weighted_image_and_audio(stories260k_dir, tmp_path, encod
 def test_the_cache_blends_the_retrieved_embeddings_before_the_bind_network(stories260k, tmp_path, encoder_file):
     from safetensors.torch import save_file
 
+    from lit_adapter.encoders.joint import CacheSettings
     from lit_adapter.media.inputs import prepare_bind
 
     checkpoint = official_imagebind_llm()
@@ -183,8 +184,7 @@ def test_the_cache_blends_the_retrieved_embeddings_before_the_bind_network(stori
     stored = F.normalize(torch.randn(6, 1024, generator=torch.Generator().manual_seed(2)), dim=-1)
     save_file({"embeddings": stored}, tmp_path / "cache.safetensors")
     model = load_adapter(stories260k, tmp_path / "7B.pth")
-    prepare_bind(model.visual, encoder_file, tmp_path / "cache.safetensors", cache_size=3, cache_t=20.0,
-                 cache_weight=0.25)
+    prepare_bind(model.visual, encoder_file, tmp_path / "cache.safetensors", CacheSettings(3, 20.0, 0.25))
     images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         tokens = model.encode_images(images)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -67,3 +69,16 @@ def test_bad_caches_are_one_line(tmp_path):
         EmbeddingCache(torch.zeros(2, 3), source="c").search(torch.zeros(1, 4), 1)
     with pytest.raises(LitAdapterError, match="cache_weight"):
         CacheSettings(cache_weight=2.0)
+
+
+@pytest.mark.parametrize("command", ["lit_adapter.inference.cli:generate", "lit_adapter.inference.cli:chat",
+                                     "lit_adapter.serving.cli:serve"])
+def test_the_commands_retrieval_defaults_are_the_official_ones(command):
+    """The --cache_* defaults each command shows in its help are CacheSettings' (the official 10, 20, 0.5)."""
+    import importlib
+
+    module, name = command.split(":")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    official = {field.name: field.default for field in dataclasses.fields(CacheSettings)}
+    assert official == {"cache_size": 10, "cache_t": 20.0, "cache_weight": 0.5}
+    assert {key: parameters[key].default for key in official} == official
