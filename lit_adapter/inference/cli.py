@@ -168,11 +168,12 @@ def generate(
         raise LitAdapterError(f"--messages {messages}: the conversation is the prompt; leave out --prompt, --input "
                               "and --prompts_file")
     defaults = ADAPTER_DECODING if adapter is not None else BASE_DECODING
+    cache = CacheSettings(cache_size, cache_t, cache_weight)  # bad settings refused before the model loads
     session = open_session(checkpoint_dir, adapter, prompt_style, defaults, max_new_tokens, **options)
     engine = session.engine
     media = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu,
              "point": point}
-    bind = prepare_bind(engine, media, encoder_weights, cache_index, CacheSettings(cache_size, cache_t, cache_weight))
+    bind = prepare_bind(engine, media, encoder_weights, cache_index, cache)
     if messages is not None:
         use_conversation_style(session, explicit=prompt_style is not None)
     if prompts_file is not None:
@@ -259,8 +260,8 @@ def chat(
         from lit_adapter.images import check_image  # PIL: only when an image is given
 
         check_image(image)  # a bad --image ends the command (exit 2); a bad /image in the chat is only a notice
+    cache = CacheSettings(cache_size, cache_t, cache_weight)  # bad settings refused before the model loads
     session = open_session(checkpoint_dir, adapter, prompt_style, CHAT_DECODING, max_new_tokens, **options)
-    cache = CacheSettings(cache_size, cache_t, cache_weight)
     bind = prepare_bind(session.engine, {}, encoder_weights, cache_index, cache)
     use_conversation_style(session, explicit=prompt_style is not None)
     chat_session = ChatSession(session.engine, session.decoding, system or None, session.expert, session.expert_slot,
